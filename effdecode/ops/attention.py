@@ -1,0 +1,157 @@
+"""Attention over the slot KV cache, with the new keys and values appended in the same call.
+
+Layout (the contract every implementation follows):
+
+- ``k_cache``/``v_cache``: ``[slots, kv_heads, capacity, head_dim]``, one pair per layer.
+- ``rows``: int32 ``[B]``, the slots of the rows in this forward (distinct).
+- ``cache_lens``: int32 ``[slots]``, entries each slot holds *before* this call. Not modified here: the engine
+  advances it once the step's tokens are accepted, so rolled-back tokens are simply never counted.
+- ``q_lens``: int32 ``[B]``, valid new tokens per row, right-aligned in the ``T`` query columns: column ``t``
+  of row ``b`` is valid iff ``t >= T - q_lens[b]``; it is written at cache index
+  ``cache_lens[rows[b]] + t - (T - q_lens[b])`` and attends causally to all indices up to and including it.
+  Columns left of the valid ones are padding: they write nothing and their output is unspecified.
+- ``sliding_window``: if set, a query at cache index ``i`` only sees keys at indices ``> i - sliding_window``
+  (HF's rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from effdecode.ops.backend import resolve_backend
+
+
+@dataclass
+class SlotBatch:
+    """Per-step batch description shared by every layer of one forward.
+
+    Attributes
+    ----------
+    rows : torch.Tensor
+        int32 ``[B]``, slot of each row.
+    cache_lens : torch.Tensor
+        int32 ``[slots]``, entries held per slot before this forward.
+    q_lens : torch.Tensor
+        int32 ``[B]``, valid (right-aligned) new tokens per row.
+    kv_len_bound : int
+        Host-side upper bound of ``max(cache_lens[rows] + q_lens)``; lets the torch path slice the cache
+        without a device sync. Must not be smaller than the true maximum.
+    backend : str
+        Requested attention implementation ("auto", "torch", "triton", "cuda").
+    """
+
+    rows: torch.Tensor
+    cache_lens: torch.Tensor
+    q_lens: torch.Tensor
+    kv_len_bound: int
+    backend: str = "auto"
+    # Derived tensors shared by all layers of the step (write indices, masks); filled on first use.
+    derived: dict = field(default_factory=dict)
+
+
+def _write_indices(batch: SlotBatch, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row index in batch, column, cache index) of every valid new token, flattened."""
+    key = ("write", num_cols)
+    if key not in batch.derived:
+        cols = torch.arange(num_cols, device=batch.rows.device, dtype=torch.int32)
+        pad = num_cols - batch.q_lens
+        valid = cols[None, :] >= pad[:, None]
+        start = batch.cache_lens[batch.rows.long()]
+        cache_index = start[:, None] + cols[None, :] - pad[:, None]
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        batch.derived[key] = (b_idx, t_idx, cache_index[b_idx, t_idx].long())
+    return batch.derived[key]
+
+
+def _attention_mask(batch: SlotBatch, num_cols: int, sliding_window: int | None) -> torch.Tensor:
+    """Boolean ``[B, 1, T, kv_len_bound]``: which cached keys each query column may see."""
+    key = ("mask", num_cols, sliding_window)
+    if key not in batch.derived:
+        device = batch.rows.device
+        cols = torch.arange(num_cols, device=device, dtype=torch.int32)
+        pad = num_cols - batch.q_lens
+        start = batch.cache_lens[batch.rows.long()]
+        query_index = start[:, None] + cols[None, :] - pad[:, None]  # [B, T]; < start for padding columns
+        keys = torch.arange(batch.kv_len_bound, device=device, dtype=torch.int32)
+        visible = keys[None, None, :] <= query_index[:, :, None]
+        if sliding_window is not None:
+            visible &= keys[None, None, :] > query_index[:, :, None] - sliding_window
+        # Padding columns see key 0 only, so their softmax stays finite (the cache is zero-initialised).
+        padding = (cols[None, :] < pad[:, None])[:, :, None]
+        visible = torch.where(padding, keys[None, None, :] == 0, visible)
+        batch.derived[key] = visible[:, None]
+    return batch.derived[key]
+
+
+def slot_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: SlotBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Torch reference: append ``key``/``value`` to the slot cache, then attend.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, q_heads, T, head_dim]`` (post-RoPE), as transformers hands it to an attention function.
+    key, value : torch.Tensor
+        ``[B, kv_heads, T, head_dim]``, the new entries; ``q_heads`` is a multiple of ``kv_heads`` (GQA).
+    k_cache, v_cache : torch.Tensor
+        ``[slots, kv_heads, capacity, head_dim]``, updated in place at the valid tokens' cache indices.
+    batch : SlotBatch
+        Rows, lengths and the host-side length bound of this forward.
+    scale : float
+        Softmax scale applied to ``q @ k^T``.
+    sliding_window : int, optional
+        Keys further back than this from a query are masked.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T, q_heads, head_dim]`` attention output (the layout transformers expects back).
+    """
+    num_cols = query.shape[2]
+    b_idx, t_idx, cache_index = _write_indices(batch, num_cols)
+    slots = batch.rows.long()[b_idx]
+    k_cache[slots, :, cache_index] = key.transpose(1, 2)[b_idx, t_idx].to(k_cache.dtype)
+    v_cache[slots, :, cache_index] = value.transpose(1, 2)[b_idx, t_idx].to(v_cache.dtype)
+
+    bound = batch.kv_len_bound
+    keys = k_cache[:, :, :bound].index_select(0, batch.rows)
+    values = v_cache[:, :, :bound].index_select(0, batch.rows)
+    mask = _attention_mask(batch, num_cols, sliding_window)
+    out = F.scaled_dot_product_attention(
+        query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )
+    return out.transpose(1, 2)
+
+
+def slot_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: SlotBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Dispatch slot attention to Triton on CUDA (or when forced) and to the torch reference otherwise.
+
+    Same parameters and result as :func:`slot_attention_reference`.
+    """
+    backend = resolve_backend(batch.backend, query.device, has_cuda_op=False, has_triton_op=True)
+    if backend == "triton":
+        from effdecode.kernels.slot_attention import slot_attention_triton
+
+        return slot_attention_triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
+    return slot_attention_reference(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
