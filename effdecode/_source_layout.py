@@ -25,3 +25,4 @@ def register_source_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["effdecode.kernels"] = module
     spec.loader.exec_module(module)
+    sys.modules["effdecode"].kernels = module
