@@ -8,4 +8,19 @@ from effdecode._source_layout import register_source_kernels
 
 register_source_kernels()
 
+from effdecode.api import generate  # noqa: E402
+from effdecode.config import DecodeConfig  # noqa: E402
+from effdecode.generation.output import EffdecodeGenerateOutput  # noqa: E402
+from effdecode.patch import patch, patched, unpatch  # noqa: E402
+from effdecode.stats import GenerationStats  # noqa: E402
+
 __version__ = "0.1.0"
+__all__ = [
+    "DecodeConfig",
+    "EffdecodeGenerateOutput",
+    "GenerationStats",
+    "generate",
+    "patch",
+    "patched",
+    "unpatch",
+]

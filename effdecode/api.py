@@ -1,0 +1,76 @@
+"""``effdecode.generate``: transformers' ``generate`` arguments, effdecode's engine."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from effdecode.config import DecodeConfig
+from effdecode.generation.engine import run_generation
+from effdecode.generation.request import Unsupported, build_request
+
+
+def _original_generate(model: torch.nn.Module):
+    """transformers' ``generate`` bound to ``model``, even while ``model.generate`` is patched."""
+    from effdecode.patch import original_generate
+
+    return original_generate(model)
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **generate_kwargs: Any,
+):
+    """Generate with effdecode's slot-cache engine; a drop-in for ``model.generate``.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM (Llama, Mistral, Qwen2, Qwen3 families).
+    input_ids : torch.Tensor
+        int64 ``[B, T0]`` prompts, left-padded when ragged.
+    attention_mask : torch.Tensor, optional
+        ``[B, T0]`` of 0/1; inferred from ``pad_token_id`` as transformers does when omitted.
+    **generate_kwargs
+        Any ``generate`` argument (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``min_p``, ``repetition_penalty``, ``eos_token_id``, ``stop_strings`` with ``tokenizer``,
+        ``logits_processor``, ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ...), plus
+        ``decode_config`` (:class:`effdecode.DecodeConfig`).
+
+    Returns
+    -------
+    torch.Tensor or EffdecodeGenerateOutput
+        As transformers' ``generate``: int64 ``[B, T0 + new]`` sequences (prompt as given, then new tokens,
+        ``pad_token_id`` after a row finished), or with ``return_dict_in_generate=True`` a
+        ``GenerateDecoderOnlyOutput`` whose ``.stats`` is a :class:`effdecode.GenerationStats`.
+
+    Notes
+    -----
+    What effdecode does not support (beam search, contrastive search, ...) runs transformers' own
+    ``generate`` after one warning naming the argument.
+    """
+    if input_ids is None:
+        input_ids = generate_kwargs.pop("inputs", None)
+    if input_ids is None:
+        input_ids = generate_kwargs.pop("input_ids", None)
+    decode_config = generate_kwargs.pop("decode_config", None)
+    if decode_config is None:
+        from effdecode.patch import patched_config
+
+        decode_config = patched_config(model) or DecodeConfig()
+    try:
+        request = build_request(model, input_ids, attention_mask, generate_kwargs, decode_config)
+    except Unsupported as reason:
+        detail = f" ({reason.detail})" if reason.detail else ""
+        warnings.warn(
+            f"effdecode does not support `{reason.argument}`{detail}; using transformers' generate for this call",
+            stacklevel=2,
+        )
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask
+        return _original_generate(model)(input_ids, **generate_kwargs)
+    return run_generation(model, request)

@@ -1,0 +1,29 @@
+"""Options that only effdecode knows about (everything else is a regular ``generate`` argument)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from effdecode.ops.backend import BACKENDS
+
+
+@dataclass
+class DecodeConfig:
+    """effdecode-only decoding options.
+
+    Given to :func:`effdecode.patch` (``config=``) or per call as
+    ``model.generate(..., decode_config=DecodeConfig(...))``; a per-call config replaces the patched one.
+
+    Parameters
+    ----------
+    attn_backend : str
+        Attention implementation over the slot cache: ``"auto"`` (Triton on CUDA, the torch reference
+        elsewhere), ``"torch"``, ``"triton"`` or ``"cuda"`` (the compiled extension where it has the op,
+        else Triton). The environment variable ``EFFDECODE_BACKEND`` overrides it for every op.
+    """
+
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"DecodeConfig.attn_backend={self.attn_backend!r}; expected one of {BACKENDS}")

@@ -1,0 +1,169 @@
+"""The decode loop over the slot cache.
+
+prefill (all prompts in one forward) -> loop: forward the active rows -> process logits -> choose tokens ->
+append, check stops -> finished rows leave ``rows``. A finished row's KV stays where it is and costs nothing.
+One device-to-host copy per step (the finished flags) decides who stays; everything else stays on device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from effdecode.cache import KVGeometry, SlotKVCache
+from effdecode.generation.logits import LogitsPipeline
+from effdecode.generation.output import EffdecodeGenerateOutput
+from effdecode.generation.request import GenerationRequest
+from effdecode.hf_attention import STEP_KWARG, StepContext, routed_through_effdecode
+from effdecode.ops.attention import SlotBatch
+from effdecode.stats import GenerationStats
+
+
+def _last_logits(
+    model: torch.nn.Module, cache: SlotKVCache, batch: SlotBatch, input_ids: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Run the model on ``input_ids`` ``[B, T]`` and return the last column's logits ``[B, V]``."""
+    outputs = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=1,
+        **{STEP_KWARG: StepContext(cache, batch)},
+    )
+    return outputs.logits[:, -1]
+
+
+def _criteria_hit(criteria: list, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+    """OR of the user's / stop-string criteria, bool ``[B]``; None when there are none."""
+    hit = None
+    for criterion in criteria:
+        result = criterion(history, scores)
+        if not isinstance(result, torch.Tensor):
+            result = torch.full((history.shape[0],), bool(result), device=history.device)
+        hit = result if hit is None else hit | result
+    return hit
+
+
+def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.Tensor | EffdecodeGenerateOutput:
+    """Decode ``request`` with ``model`` and return what transformers' ``generate`` would.
+
+    Returns
+    -------
+    torch.Tensor or EffdecodeGenerateOutput
+        int64 ``[B, T0 + steps]``: the prompts as given and the new tokens, ``pad_token_id`` after a row
+        finished; or, with ``return_dict_in_generate``, that plus scores/logits and ``stats``.
+    """
+    started = time.perf_counter()
+    device = model.device
+    input_ids = request.input_ids
+    batch_size, prompt_width = input_ids.shape
+    max_prompt = int(request.prompt_lens.max())
+    cache = SlotKVCache(
+        KVGeometry.from_config(model.config), batch_size, max_prompt + request.max_new_tokens, model.dtype, device
+    )
+    backend = request.decode_config.attn_backend
+    pipeline = LogitsPipeline(request, device)
+    eos_ids = pipeline.eos_ids
+    pad_token_id = request.pad_token_id if request.pad_token_id is not None else 0
+    sequences = torch.full(
+        (batch_size, prompt_width + request.max_new_tokens), pad_token_id, dtype=torch.long, device=device
+    )
+    sequences[:, :prompt_width] = input_ids
+    new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, dtype=torch.int32, device=device)
+    streamer = request.streamer
+    scores_out: list[torch.Tensor] = []
+    logits_out: list[torch.Tensor] = []
+    stats = GenerationStats(kv_peak_bytes=cache.nbytes)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    with routed_through_effdecode(model), torch.inference_mode():
+        # Prefill: prompts are right-aligned already (left padding), so the last column is every row's last
+        # prompt token and logits_to_keep=1 gives exactly the logits we need.
+        prompt_lens = request.prompt_lens
+        columns = torch.arange(prompt_width, device=device)
+        padding = prompt_width - prompt_lens.long()
+        position_ids = (columns[None, :] - padding[:, None]).clamp_(min=0)
+        prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
+        batch = SlotBatch(rows, cache.cache_lens, prompt_lens, kv_len_bound=max_prompt, backend=backend)
+        logits = _last_logits(model, cache, batch, prefill_ids, position_ids)
+        cache.cache_lens += prompt_lens
+        cache.positions += prompt_lens.long()
+        kv_len_bound = max_prompt
+        stats.target_forwards = 1
+        one_token = torch.ones(batch_size, dtype=torch.int32, device=device)
+
+        # transformers pads a finished row only when it knows an EOS token; without one, a row that a
+        # stopping criterion ended keeps generating until every row is done. Mirror that.
+        rows_leave = eos_ids.numel() > 0
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        step = 0
+        while True:
+            rows_long = rows.long()
+            history = sequences.index_select(0, rows_long)[:, : prompt_width + step] if pipeline.needs_history else None
+            scores = pipeline.process(logits, history, new_tokens[rows_long])
+            next_tokens = pipeline.choose(scores)
+            sequences[rows_long, prompt_width + new_tokens[rows_long]] = next_tokens
+            new_tokens[rows_long] += 1
+            step += 1
+            if request.output_scores:
+                # Rows that already left get zeros (transformers would hold the finished rows' logits).
+                scores_out.append(scores.new_zeros(batch_size, scores.shape[-1]).index_copy_(0, rows_long, scores))
+            if request.output_logits:
+                logits_out.append(
+                    logits.new_zeros(batch_size, logits.shape[-1]).float().index_copy_(0, rows_long, logits.float())
+                )
+            if streamer is not None:
+                streamer.put(
+                    torch.full((batch_size,), pad_token_id, dtype=torch.long).index_copy_(
+                        0, rows_long.cpu(), next_tokens.cpu()
+                    )
+                )
+
+            done = torch.isin(next_tokens, eos_ids) if eos_ids.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
+            if request.stopping_criteria:
+                history = sequences.index_select(0, rows_long)[:, : prompt_width + step]
+                hit = _criteria_hit(request.stopping_criteria, history, scores)
+                done = done | hit.to(device)
+            out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
+            if step >= request.max_new_tokens or out_of_time:
+                break
+            if rows_leave:
+                done_host = done.cpu()  # the step's one sync: which rows stay
+                if bool(done_host.all()):
+                    break
+                if bool(done_host.any()):
+                    keep = (~done).nonzero().squeeze(1)
+                    rows = rows.index_select(0, keep)
+                    next_tokens = next_tokens.index_select(0, keep)
+                    rows_long = rows.long()
+            else:
+                unfinished &= ~done
+                if not bool(unfinished.any()):
+                    break
+
+            num_rows = rows.shape[0]
+            batch = SlotBatch(rows, cache.cache_lens, one_token[:num_rows], kv_len_bound=kv_len_bound + 1, backend=backend)
+            positions = cache.positions.index_select(0, rows_long)[:, None]
+            logits = _last_logits(model, cache, batch, next_tokens[:, None], positions)
+            cache.cache_lens.index_add_(0, rows_long, one_token[:num_rows])
+            cache.positions.index_add_(0, rows_long, torch.ones_like(rows_long))
+            kv_len_bound += 1
+            stats.target_forwards += 1
+
+    if streamer is not None:
+        streamer.end()
+    sequences = sequences[:, : prompt_width + step]
+    stats.new_tokens = new_tokens.tolist()
+    stats.kv_peak_tokens = int(cache.cache_lens.max())
+    stats.wall_time_s = time.perf_counter() - started
+    if not request.return_dict_in_generate:
+        return sequences
+    return EffdecodeGenerateOutput(
+        sequences=sequences,
+        scores=tuple(scores_out) if request.output_scores else None,
+        logits=tuple(logits_out) if request.output_logits else None,
+        stats=stats,
+    )

@@ -1,0 +1,69 @@
+"""Per-step logits processing in transformers' order.
+
+Repetition penalty, then EOS blocking for ``min_length``/``min_new_tokens``, then the user's
+``LogitsProcessor`` list, then (sampling only) temperature, top-k, top-p and min-p. Scores are float32, as in
+transformers, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdecode.generation.request import GenerationRequest
+from effdecode.ops.sampling import sample_from_scores, warp_logits
+
+
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive (multiply negative) scores of tokens already in ``history`` by ``penalty``.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[B, V]`` float.
+    history : torch.Tensor
+        int64 ``[B, L]``, each row's tokens so far (left padding included, as transformers does).
+    """
+    seen = torch.gather(scores, 1, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, history, seen)
+
+
+class LogitsPipeline:
+    """Turns a step's raw logits into processed scores and chooses each row's next token."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device) -> None:
+        self.request = request
+        self.eos_ids = torch.tensor(request.eos_token_ids, dtype=torch.long, device=device)
+        self.needs_history = request.repetition_penalty != 1.0 or bool(request.logits_processors)
+        self._eos_columns: torch.Tensor | None = None  # bool [V], built on the first step
+
+    def _eos_column_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        if self._eos_columns is None:
+            self._eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._eos_columns[self.eos_ids] = True
+        return self._eos_columns
+
+    def process(self, logits: torch.Tensor, history: torch.Tensor | None, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Processed float32 scores ``[B, V]`` for rows whose histories are ``history`` ``[B, L]``.
+
+        ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far.
+        """
+        request = self.request
+        scores = logits.to(dtype=torch.float32, copy=True)
+        if request.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, history, request.repetition_penalty)
+        if request.eos_blocked_until > 0 and self.eos_ids.numel():
+            blocked = (new_tokens < request.eos_blocked_until)[:, None]
+            eos_columns = self._eos_column_mask(scores.shape[-1], scores.device)
+            scores = scores.masked_fill(blocked & eos_columns[None, :], float("-inf"))
+        for processor in request.logits_processors:
+            scores = processor(history, scores)
+        if request.do_sample:
+            scores = warp_logits(scores, request.sampling)
+        return scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B]`` next tokens: argmax for greedy, a draw from ``softmax(scores)`` when sampling."""
+        if self.request.do_sample:
+            return sample_from_scores(scores)
+        return scores.argmax(dim=-1)

@@ -1,0 +1,315 @@
+"""Turn ``generate`` arguments into a validated :class:`GenerationRequest`, or a reason to fall back.
+
+Generation options are merged exactly as transformers does (user kwargs > ``generation_config`` >
+``model.generation_config`` > global defaults), so effdecode decodes with the same settings as ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from effdecode.config import DecodeConfig
+from effdecode.ops.sampling import SamplingParams
+
+# Model families verified token-for-token against transformers' generate (tests/test_engine_equivalence.py).
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+# ``generate`` arguments only transformers' own generate handles.
+_UNSUPPORTED_ARGUMENTS = (
+    "assistant_model",
+    "assistant_tokenizer",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "inputs_embeds",
+    "past_key_values",
+)
+
+# Generation-config fields effdecode does not implement, with the values that mean "off".
+_UNSUPPORTED_CONFIG_FIELDS: dict[str, tuple] = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0),
+    "penalty_alpha": (None,),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "dola_layers": (None,),
+    "guidance_scale": (None, 1.0),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "top_h": (None,),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "watermarking_config": (None,),
+    "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False),
+    "token_healing": (None, False),
+    "prompt_lookup_num_tokens": (None,),
+    "use_mtp": (None, False),
+    "low_memory": (None, False),
+}
+
+# Model kwargs that mean nothing to a decoder-only forward with effdecode's own cache.
+_IGNORED_MODEL_KWARGS = frozenset({"use_cache", "logits_to_keep", "cache_implementation", "return_legacy_cache"})
+
+
+class Unsupported(Exception):
+    """An argument effdecode does not handle; ``generate`` falls back to transformers for the call."""
+
+    def __init__(self, argument: str, detail: str = "") -> None:
+        super().__init__(argument)
+        self.argument = argument
+        self.detail = detail
+
+
+@dataclass
+class GenerationRequest:
+    """Everything the engine needs for one call, validated.
+
+    Attributes
+    ----------
+    input_ids : torch.Tensor
+        int64 ``[B, T0]``, the prompts as given (left padding kept), rows repeated for
+        ``num_return_sequences``.
+    prompt_lens : torch.Tensor
+        int32 ``[B]``, real (unpadded) tokens per row; they are right-aligned in ``input_ids``.
+    max_new_tokens : int
+        Most tokens any row may generate.
+    eos_blocked_until : int
+        EOS ids are masked while a row has generated fewer tokens than this (``min_length`` /
+        ``min_new_tokens``).
+    """
+
+    input_ids: torch.Tensor
+    prompt_lens: torch.Tensor
+    max_new_tokens: int
+    eos_blocked_until: int
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    do_sample: bool
+    sampling: SamplingParams
+    repetition_penalty: float
+    logits_processors: list = field(default_factory=list)
+    stopping_criteria: list = field(default_factory=list)
+    streamer: Any = None
+    max_time: float | None = None
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
+    decode_config: DecodeConfig = field(default_factory=DecodeConfig)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _as_id_list(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def check_model_supported(model: torch.nn.Module) -> None:
+    """Raise :class:`Unsupported` for models whose attention effdecode has not been verified on."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise Unsupported("model", "encoder-decoder models")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise Unsupported("model", f"model_type {model_type!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)})")
+
+
+def _infer_attention_mask(
+    input_ids: torch.Tensor, pad_token_id: int | None, eos_token_ids: list[int]
+) -> torch.Tensor:
+    """transformers' rule: mask out pad tokens only if the pad token is present and is not an EOS token."""
+    if pad_token_id is None or pad_token_id in eos_token_ids or not bool((input_ids == pad_token_id).any()):
+        return torch.ones_like(input_ids)
+    return (input_ids != pad_token_id).long()
+
+
+def _validate_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Check the prompt batch and return the real-token count of each row."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+            f"{tuple(input_ids.shape)}; they must match"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    mask = attention_mask.bool()
+    prompt_lens = mask.sum(dim=1)
+    empty = (prompt_lens == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt in rows {empty}: every row needs at least one token")
+    # Left padding only: each row's real tokens must be its last ``prompt_len`` columns.
+    num_cols = input_ids.shape[1]
+    expected = torch.arange(num_cols, device=mask.device)[None, :] >= (num_cols - prompt_lens)[:, None]
+    bad_rows = (mask != expected).any(dim=1).nonzero().flatten().tolist()
+    if bad_rows:
+        raise ValueError(
+            f"rows {bad_rows} are right-padded (or have gaps) in attention_mask; decoder-only generation "
+            "continues after the last column, so pad on the left: tokenizer.padding_side = 'left'"
+        )
+    real = input_ids[mask]
+    out_of_range = (real < 0) | (real >= vocab_size)
+    if bool(out_of_range.any()):
+        bad = real[out_of_range][:5].tolist()
+        raise ValueError(f"token ids {bad} are outside the model's vocabulary [0, {vocab_size})")
+    return prompt_lens.to(torch.int32)
+
+
+def build_request(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    generate_kwargs: dict[str, Any],
+    decode_config: DecodeConfig,
+) -> GenerationRequest:
+    """Validate ``generate`` arguments and resolve them into a :class:`GenerationRequest`.
+
+    Raises
+    ------
+    Unsupported
+        For arguments or models effdecode leaves to transformers' ``generate``.
+    ValueError
+        For bad input (empty prompt, mismatched mask, ids outside the vocabulary, negative lengths, ...).
+    """
+    kwargs = dict(generate_kwargs)
+    for name in _UNSUPPORTED_ARGUMENTS:
+        value = kwargs.pop(name, None)
+        if value is not None and value is not False:
+            raise Unsupported(name)
+    check_model_supported(model)
+
+    if input_ids is None:
+        raise ValueError("input_ids is required (effdecode generates from token ids)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+        value = kwargs.get(name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+    logits_processors = list(kwargs.pop("logits_processor", None) or [])
+    stopping_criteria = list(kwargs.pop("stopping_criteria", None) or [])
+    streamer = kwargs.pop("streamer", None)
+    tokenizer = kwargs.pop("tokenizer", None)
+    generation_config = kwargs.pop("generation_config", None)
+
+    has_default_max_length = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and model.generation_config.max_length is None
+    )
+    has_default_min_length = (
+        kwargs.get("min_length") is None
+        and (generation_config is None or generation_config.min_length is None)
+        and model.generation_config.min_length is None
+    )
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    for name, off_values in _UNSUPPORTED_CONFIG_FIELDS.items():
+        value = getattr(config, name, None)
+        if value not in off_values:
+            raise Unsupported(name, f"={value!r}")
+    for name, value in model_kwargs.items():
+        if name not in _IGNORED_MODEL_KWARGS and value is not None:
+            raise Unsupported(name)
+
+    device = model.device
+    input_ids = input_ids.to(device)
+    eos_token_ids = _as_id_list(config.eos_token_id)
+    pad_token_id = config.pad_token_id
+    if isinstance(pad_token_id, (list, tuple)):
+        pad_token_id = pad_token_id[0] if pad_token_id else None
+    if pad_token_id is None and eos_token_ids:
+        pad_token_id = eos_token_ids[0]
+    if attention_mask is None:
+        attention_mask = _infer_attention_mask(input_ids, pad_token_id, eos_token_ids)
+    attention_mask = attention_mask.to(device)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    prompt_lens = _validate_prompts(input_ids, attention_mask, vocab_size)
+
+    prompt_width = input_ids.shape[1]
+    if config.max_new_tokens is not None:
+        max_new_tokens = config.max_new_tokens
+    else:
+        max_length = config.max_length
+        if has_default_max_length:
+            max_length = max_length + prompt_width
+            max_positions = getattr(model.config, "max_position_embeddings", None)
+            if max_positions is not None:
+                max_length = min(max_length, max_positions)
+        max_new_tokens = max_length - prompt_width
+        if max_new_tokens <= 0:
+            raise ValueError(
+                f"input length is {prompt_width} but max_length is {max_length}; set max_new_tokens instead"
+            )
+    if config.min_new_tokens is not None:
+        eos_blocked_until = config.min_new_tokens
+    elif config.min_length and not has_default_min_length:
+        eos_blocked_until = max(0, config.min_length - prompt_width)
+    else:
+        eos_blocked_until = 0
+
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
+        from transformers import StopStringCriteria
+
+        stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
+
+    num_return = config.num_return_sequences or 1
+    if num_return > 1:
+        input_ids = input_ids.repeat_interleave(num_return, dim=0)
+        prompt_lens = prompt_lens.repeat_interleave(num_return, dim=0)
+
+    do_sample = bool(config.do_sample)
+    sampling = SamplingParams(
+        temperature=float(config.temperature if config.temperature is not None else 1.0),
+        top_k=config.top_k or None,
+        top_p=config.top_p,
+        min_p=config.min_p,
+    )
+    return GenerationRequest(
+        input_ids=input_ids,
+        prompt_lens=prompt_lens,
+        max_new_tokens=max_new_tokens,
+        eos_blocked_until=eos_blocked_until,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        do_sample=do_sample,
+        sampling=sampling,
+        repetition_penalty=float(config.repetition_penalty or 1.0),
+        logits_processors=logits_processors,
+        stopping_criteria=stopping_criteria,
+        streamer=streamer,
+        max_time=config.max_time,
+        output_scores=bool(config.output_scores),
+        output_logits=bool(config.output_logits),
+        return_dict_in_generate=bool(config.return_dict_in_generate),
+        decode_config=decode_config,
+    )

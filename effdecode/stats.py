@@ -1,0 +1,39 @@
+"""What one ``generate`` call cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    """Cost counters of one effdecode ``generate`` call, attached to its output as ``.stats``.
+
+    Attributes
+    ----------
+    target_forwards : int
+        Forward passes of the target model, prefill included.
+    new_tokens : list[int]
+        Tokens generated per row (EOS included, padding excluded).
+    kv_peak_tokens : int
+        Most KV entries one row held in the cache.
+    kv_peak_bytes : int
+        Bytes of the KV cache buffers allocated for the call (all layers, keys and values).
+    wall_time_s : float
+        Wall-clock time of the call, prefill included.
+    """
+
+    target_forwards: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    kv_peak_tokens: int = 0
+    kv_peak_bytes: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def total_new_tokens(self) -> int:
+        return sum(self.new_tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time over all rows."""
+        return self.total_new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
