@@ -67,7 +67,8 @@ def generate(
     except Unsupported as reason:
         detail = f" ({reason.detail})" if reason.detail else ""
         warnings.warn(
-            f"effdecode does not support `{reason.argument}`{detail}; using transformers' generate for this call",
+            f"effdecode does not support `{reason.argument}`{detail}; "
+            "using transformers' generate for this call",
             stacklevel=2,
         )
         if attention_mask is not None:

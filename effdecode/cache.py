@@ -70,7 +70,8 @@ class SlotKVCache:
         if needed > free:
             raise ValueError(
                 f"the KV cache needs {needed:,} bytes ({num_slots} rows x {capacity} tokens x "
-                f"{geometry.bytes_per_token(dtype):,} bytes/token) but only {free:,} bytes are free on {device}; "
+                f"{geometry.bytes_per_token(dtype):,} bytes/token) but only {free:,} bytes are free "
+                f"on {device}; "
                 "lower the batch size or max_new_tokens"
             )
         self.geometry = geometry

@@ -21,7 +21,9 @@ STEP_KWARG = "effdecode_step"
 
 # Keyword arguments that model families pass to attention functions and that we honour or may ignore.
 # Anything else (softcapping, attention sinks, ...) changes the math, so we refuse rather than be wrong.
-_KNOWN_KWARGS = frozenset({"position_ids", "use_cache", "sliding_window", "cache_position", "output_attentions"})
+_KNOWN_KWARGS = frozenset(
+    {"position_ids", "use_cache", "sliding_window", "cache_position", "output_attentions"}
+)
 
 
 class StepContext:
@@ -70,7 +72,9 @@ def effdecode_attention(
         )
     unknown = set(kwargs) - _KNOWN_KWARGS - {STEP_KWARG}
     if unknown:
-        raise NotImplementedError(f"effdecode attention does not support the attention arguments {sorted(unknown)}")
+        raise NotImplementedError(
+            f"effdecode attention does not support the attention arguments {sorted(unknown)}"
+        )
     if dropout:
         raise NotImplementedError("effdecode attention runs inference only (dropout must be 0)")
     layer = module.layer_idx
@@ -111,5 +115,5 @@ def routed_through_effdecode(model: torch.nn.Module) -> Iterator[None]:
             config._attn_implementation = ATTN_IMPLEMENTATION
         yield
     finally:
-        for config, name in zip(configs, previous):
+        for config, name in zip(configs, previous, strict=True):
             config._attn_implementation = name

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, PAD, ragged_prompts, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import effdecode
+from tiny_models import FAMILIES, PAD, ragged_prompts, tiny_model
 
 
 def assert_same_generation(model, input_ids, mask, **kwargs):
@@ -43,27 +43,32 @@ def test_rows_stop_at_different_steps_with_several_eos_ids(family):
     free_run = model.generate(input_ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     eos_ids = _eos_ids_ending_rows_at_different_steps(free_run, input_ids.shape[1])
     assert len(eos_ids) >= 2
-    out = assert_same_generation(model, input_ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=eos_ids)
+    out = assert_same_generation(
+        model, input_ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=eos_ids
+    )
     generated = out[:, input_ids.shape[1] :]
-    finished_at = [
-        next((i for i, t in enumerate(row.tolist()) if t in eos_ids), None) for row in generated
-    ]
+    finished_at = [next((i for i, t in enumerate(row.tolist()) if t in eos_ids), None) for row in generated]
     assert len({f for f in finished_at if f is not None}) >= 2, finished_at  # rows really stopped apart
 
 
 def test_return_dict_stats_and_scores_match_hf():
     model = tiny_model("qwen2", torch.float64, seed=3)
     input_ids, mask = ragged_prompts(4, max_len=6, seed=2)
-    kwargs = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_scores=True,
-                  output_logits=True)
+    kwargs = dict(
+        max_new_tokens=10,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
     expected = model.generate(input_ids, attention_mask=mask, **kwargs)
     actual = effdecode.generate(model, input_ids, attention_mask=mask, **kwargs)
     assert isinstance(actual, type(expected).__mro__[0]) or isinstance(actual, type(expected))
     torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
     assert len(actual.scores) == len(expected.scores) == 10
-    for mine, theirs in zip(actual.scores, expected.scores):
+    for mine, theirs in zip(actual.scores, expected.scores, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-    for mine, theirs in zip(actual.logits, expected.logits):
+    for mine, theirs in zip(actual.logits, expected.logits, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     stats = actual.stats
     assert isinstance(stats, effdecode.GenerationStats)
@@ -80,7 +85,9 @@ def test_repetition_penalty_min_new_tokens_and_max_length_match_hf():
     input_ids, mask = ragged_prompts(5, max_len=7, seed=4)
     free_run = model.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     eos = int(free_run[0, 7 + 1])  # would end row 0 after 2 tokens
-    assert_same_generation(model, input_ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=eos)
+    assert_same_generation(
+        model, input_ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=eos
+    )
     assert_same_generation(model, input_ids, mask, max_new_tokens=12, min_new_tokens=6, eos_token_id=eos)
     assert_same_generation(model, input_ids, mask, max_length=15, eos_token_id=eos)
     assert_same_generation(model, input_ids, mask, eos_token_id=eos)  # HF's default length
@@ -145,8 +152,9 @@ def test_greedy_through_patched_generate_matches_original():
     expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=9)
     with effdecode.patched(model):
         assert model.generate is not type(model).generate
-        actual = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=9,
-                                return_dict_in_generate=True)
+        actual = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True
+        )
     assert isinstance(actual.stats, effdecode.GenerationStats)
     torch.testing.assert_close(actual.sequences, expected, rtol=0, atol=0)
 

@@ -51,7 +51,9 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: 
     return model
 
 
-def ragged_prompts(batch: int, max_len: int, seed: int = 0, min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_prompts(
+    batch: int, max_len: int, seed: int = 0, min_len: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded random prompts of lengths in [min_len, max_len]; returns (input_ids, attention_mask)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=generator)

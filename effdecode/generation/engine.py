@@ -21,7 +21,11 @@ from effdecode.stats import GenerationStats
 
 
 def _last_logits(
-    model: torch.nn.Module, cache: SlotKVCache, batch: SlotBatch, input_ids: torch.Tensor, position_ids: torch.Tensor
+    model: torch.nn.Module,
+    cache: SlotKVCache,
+    batch: SlotBatch,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Run the model on ``input_ids`` ``[B, T]`` and return the last column's logits ``[B, V]``."""
     outputs = model(
@@ -45,7 +49,9 @@ def _criteria_hit(criteria: list, history: torch.Tensor, scores: torch.Tensor) -
     return hit
 
 
-def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.Tensor | EffdecodeGenerateOutput:
+def run_generation(
+    model: torch.nn.Module, request: GenerationRequest
+) -> torch.Tensor | EffdecodeGenerateOutput:
     """Decode ``request`` with ``model`` and return what transformers' ``generate`` would.
 
     Returns
@@ -60,7 +66,11 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
     batch_size, prompt_width = input_ids.shape
     max_prompt = int(request.prompt_lens.max())
     cache = SlotKVCache(
-        KVGeometry.from_config(model.config), batch_size, max_prompt + request.max_new_tokens, model.dtype, device
+        KVGeometry.from_config(model.config),
+        batch_size,
+        max_prompt + request.max_new_tokens,
+        model.dtype,
+        device,
     )
     backend = request.decode_config.attn_backend
     pipeline = LogitsPipeline(request, device)
@@ -87,7 +97,15 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
         padding = prompt_width - prompt_lens.long()
         position_ids = (columns[None, :] - padding[:, None]).clamp_(min=0)
         prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
-        batch = SlotBatch(rows, cache.cache_lens, prompt_lens, kv_len_bound=max_prompt, backend=backend)
+        batch = SlotBatch(
+            rows,
+            cache.cache_lens,
+            prompt_lens,
+            kv_len_bound=max_prompt,
+            backend=backend,
+            rows_are_leading_slots=True,
+            q_full=max_prompt == int(request.prompt_lens.min()),
+        )
         logits = _last_logits(model, cache, batch, prefill_ids, position_ids)
         cache.cache_lens += prompt_lens
         cache.positions += prompt_lens.long()
@@ -102,7 +120,11 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
         step = 0
         while True:
             rows_long = rows.long()
-            history = sequences.index_select(0, rows_long)[:, : prompt_width + step] if pipeline.needs_history else None
+            history = (
+                sequences.index_select(0, rows_long)[:, : prompt_width + step]
+                if pipeline.needs_history
+                else None
+            )
             scores = pipeline.process(logits, history, new_tokens[rows_long])
             next_tokens = pipeline.choose(scores)
             sequences[rows_long, prompt_width + new_tokens[rows_long]] = next_tokens
@@ -110,10 +132,14 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
             step += 1
             if request.output_scores:
                 # Rows that already left get zeros (transformers would hold the finished rows' logits).
-                scores_out.append(scores.new_zeros(batch_size, scores.shape[-1]).index_copy_(0, rows_long, scores))
+                scores_out.append(
+                    scores.new_zeros(batch_size, scores.shape[-1]).index_copy_(0, rows_long, scores)
+                )
             if request.output_logits:
                 logits_out.append(
-                    logits.new_zeros(batch_size, logits.shape[-1]).float().index_copy_(0, rows_long, logits.float())
+                    logits.new_zeros(batch_size, logits.shape[-1])
+                    .float()
+                    .index_copy_(0, rows_long, logits.float())
                 )
             if streamer is not None:
                 streamer.put(
@@ -122,7 +148,11 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
                     )
                 )
 
-            done = torch.isin(next_tokens, eos_ids) if eos_ids.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
+            done = (
+                torch.isin(next_tokens, eos_ids)
+                if eos_ids.numel()
+                else torch.zeros_like(next_tokens, dtype=torch.bool)
+            )
             if request.stopping_criteria:
                 history = sequences.index_select(0, rows_long)[:, : prompt_width + step]
                 hit = _criteria_hit(request.stopping_criteria, history, scores)
@@ -145,7 +175,15 @@ def run_generation(model: torch.nn.Module, request: GenerationRequest) -> torch.
                     break
 
             num_rows = rows.shape[0]
-            batch = SlotBatch(rows, cache.cache_lens, one_token[:num_rows], kv_len_bound=kv_len_bound + 1, backend=backend)
+            batch = SlotBatch(
+                rows,
+                cache.cache_lens,
+                one_token[:num_rows],
+                kv_len_bound=kv_len_bound + 1,
+                backend=backend,
+                rows_are_leading_slots=num_rows == batch_size,
+                q_full=True,
+            )
             positions = cache.positions.index_select(0, rows_long)[:, None]
             logits = _last_logits(model, cache, batch, next_tokens[:, None], positions)
             cache.cache_lens.index_add_(0, rows_long, one_token[:num_rows])

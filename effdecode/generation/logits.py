@@ -43,7 +43,9 @@ class LogitsPipeline:
             self._eos_columns[self.eos_ids] = True
         return self._eos_columns
 
-    def process(self, logits: torch.Tensor, history: torch.Tensor | None, new_tokens: torch.Tensor) -> torch.Tensor:
+    def process(
+        self, logits: torch.Tensor, history: torch.Tensor | None, new_tokens: torch.Tensor
+    ) -> torch.Tensor:
         """Processed float32 scores ``[B, V]`` for rows whose histories are ``history`` ``[B, L]``.
 
         ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far.

@@ -67,7 +67,9 @@ _UNSUPPORTED_CONFIG_FIELDS: dict[str, tuple] = {
 }
 
 # Model kwargs that mean nothing to a decoder-only forward with effdecode's own cache.
-_IGNORED_MODEL_KWARGS = frozenset({"use_cache", "logits_to_keep", "cache_implementation", "return_legacy_cache"})
+_IGNORED_MODEL_KWARGS = frozenset(
+    {"use_cache", "logits_to_keep", "cache_implementation", "return_legacy_cache"}
+)
 
 
 class Unsupported(Exception):

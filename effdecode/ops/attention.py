@@ -41,6 +41,11 @@ class SlotBatch:
         without a device sync. Must not be smaller than the true maximum.
     backend : str
         Requested attention implementation ("auto", "torch", "triton", "cuda").
+    rows_are_leading_slots : bool
+        Host-side fact: ``rows == arange(B)``. Lets the torch path read the cache through a view.
+    q_full : bool
+        Host-side fact: every ``q_lens[b] == T`` (decode steps, unpadded prefill). Lets the torch path
+        write without locating valid tokens.
     """
 
     rows: torch.Tensor
@@ -48,21 +53,31 @@ class SlotBatch:
     q_lens: torch.Tensor
     kv_len_bound: int
     backend: str = "auto"
+    rows_are_leading_slots: bool = False
+    q_full: bool = False
     # Derived tensors shared by all layers of the step (write indices, masks); filled on first use.
     derived: dict = field(default_factory=dict)
 
 
-def _write_indices(batch: SlotBatch, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row index in batch, column, cache index) of every valid new token, flattened."""
+def _write_indices(batch: SlotBatch, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Where the new tokens go: (slots, cache indices, selected tokens).
+
+    With every column valid, slots ``[B, 1]`` and cache indices ``[B, T]`` address the tokens as they are
+    (selection None); otherwise all three are flattened over the valid tokens.
+    """
     key = ("write", num_cols)
     if key not in batch.derived:
-        cols = torch.arange(num_cols, device=batch.rows.device, dtype=torch.int32)
-        pad = num_cols - batch.q_lens
-        valid = cols[None, :] >= pad[:, None]
-        start = batch.cache_lens[batch.rows.long()]
-        cache_index = start[:, None] + cols[None, :] - pad[:, None]
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        batch.derived[key] = (b_idx, t_idx, cache_index[b_idx, t_idx].long())
+        rows = batch.rows.long()
+        cols = torch.arange(num_cols, device=rows.device, dtype=torch.int32)
+        start = batch.cache_lens[rows]
+        if batch.q_full:
+            batch.derived[key] = (rows[:, None], (start[:, None] + cols[None, :]).long(), None)
+        else:
+            pad = num_cols - batch.q_lens
+            valid = cols[None, :] >= pad[:, None]
+            cache_index = start[:, None] + cols[None, :] - pad[:, None]
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            batch.derived[key] = (rows[b_idx], cache_index[b_idx, t_idx].long(), (b_idx, t_idx))
     return batch.derived[key]
 
 
@@ -119,17 +134,27 @@ def slot_attention_reference(
         ``[B, T, q_heads, head_dim]`` attention output (the layout transformers expects back).
     """
     num_cols = query.shape[2]
-    b_idx, t_idx, cache_index = _write_indices(batch, num_cols)
-    slots = batch.rows.long()[b_idx]
-    k_cache[slots, :, cache_index] = key.transpose(1, 2)[b_idx, t_idx].to(k_cache.dtype)
-    v_cache[slots, :, cache_index] = value.transpose(1, 2)[b_idx, t_idx].to(v_cache.dtype)
+    slots, cache_index, selection = _write_indices(batch, num_cols)
+    new_keys, new_values = key.transpose(1, 2), value.transpose(1, 2)  # [B, T, kv_heads, head_dim]
+    if selection is not None:
+        new_keys, new_values = new_keys[selection], new_values[selection]
+    k_cache[slots, :, cache_index] = new_keys.to(k_cache.dtype)
+    v_cache[slots, :, cache_index] = new_values.to(v_cache.dtype)
 
     bound = batch.kv_len_bound
-    keys = k_cache[:, :, :bound].index_select(0, batch.rows)
-    values = v_cache[:, :, :bound].index_select(0, batch.rows)
+    if batch.rows_are_leading_slots:
+        keys = k_cache[: query.shape[0], :, :bound]
+        values = v_cache[: query.shape[0], :, :bound]
+    else:
+        keys = k_cache[:, :, :bound].index_select(0, batch.rows)
+        values = v_cache[:, :, :bound].index_select(0, batch.rows)
     mask = _attention_mask(batch, num_cols, sliding_window)
     out = F.scaled_dot_product_attention(
-        query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scale,
+        query,
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        scale=scale,
         enable_gqa=query.shape[1] != keys.shape[1],
     )
     return out.transpose(1, 2)

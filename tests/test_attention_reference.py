@@ -1,0 +1,88 @@
+"""The slot-attention torch reference (the spec) against a naive per-row, per-token loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from effdecode.ops.attention import SlotBatch, slot_attention_reference
+
+
+def naive_slot_attention(query, key, value, k_cache, v_cache, rows, cache_lens, q_lens, scale, window):
+    """Token by token: append, then softmax over the visible prefix. Returns output and the new caches."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    batch, q_heads, num_cols, head_dim = query.shape
+    group = q_heads // key.shape[1]
+    out = torch.full((batch, num_cols, q_heads, head_dim), float("nan"), dtype=query.dtype)
+    for b in range(batch):
+        slot, start = int(rows[b]), int(cache_lens[rows[b]])
+        pad = num_cols - int(q_lens[b])
+        for t in range(pad, num_cols):
+            k_cache[slot, :, start + t - pad] = key[b, :, t]
+            v_cache[slot, :, start + t - pad] = value[b, :, t]
+        for t in range(pad, num_cols):
+            index = start + t - pad
+            lo = 0 if window is None else max(0, index - window + 1)
+            for h in range(q_heads):
+                keys = k_cache[slot, h // group, lo : index + 1]
+                values = v_cache[slot, h // group, lo : index + 1]
+                weights = torch.softmax((keys @ query[b, h, t]) * scale, dim=0)
+                out[b, t, h] = weights @ values
+    return out, k_cache, v_cache
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("num_cols", [1, 4])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("q_full", [False, True])
+def test_reference_matches_naive_loop(group, num_cols, window, q_full, fresh_seed):
+    slots, kv_heads, capacity, head_dim = 6, 2, 24, 8
+    batch = 4
+    rows = torch.randperm(slots)[:batch].to(torch.int32)
+    cache_lens = torch.randint(0, 12, (slots,), dtype=torch.int32)
+    q_lens = (
+        torch.full((batch,), num_cols, dtype=torch.int32)
+        if q_full
+        else torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32)
+    )
+    query = torch.randn(batch, kv_heads * group, num_cols, head_dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    k_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    v_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    scale = 1 / math.sqrt(head_dim)
+    expected, k_expected, v_expected = naive_slot_attention(
+        query, key, value, k_cache, v_cache, rows, cache_lens, q_lens, scale, window
+    )
+    bound = int((cache_lens[rows.long()] + q_lens).max()) + 2  # a loose bound is allowed
+    meta = SlotBatch(rows, cache_lens.clone(), q_lens, kv_len_bound=bound, q_full=q_full)
+    actual = slot_attention_reference(query, key, value, k_cache, v_cache, meta, scale, window)
+    valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
+    torch.testing.assert_close(actual[valid], expected[valid])
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+    assert torch.equal(meta.cache_lens, cache_lens)  # lengths are the engine's to advance
+
+
+def test_leading_slot_rows_use_the_same_math():
+    torch.manual_seed(0)
+    batch, kv_heads, head_dim = 3, 2, 8
+    cache_lens = torch.tensor([5, 2, 7, 9], dtype=torch.int32)
+    query = torch.randn(batch, 4, 1, head_dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.float64)
+    k_cache = torch.randn(4, kv_heads, 16, head_dim, dtype=torch.float64)
+    v_cache = torch.randn(4, kv_heads, 16, head_dim, dtype=torch.float64)
+    rows = torch.arange(batch, dtype=torch.int32)
+    ones = torch.ones(batch, dtype=torch.int32)
+    outputs = []
+    for leading in (False, True):
+        k, v = k_cache.clone(), v_cache.clone()
+        meta = SlotBatch(
+            rows, cache_lens, ones, kv_len_bound=8, rows_are_leading_slots=leading, q_full=leading
+        )
+        outputs.append((slot_attention_reference(query, key, value, k, v, meta, 0.3), k, v))
+    for first, second in zip(*outputs, strict=True):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
