@@ -138,8 +138,8 @@ def slot_attention_reference(
     new_keys, new_values = key.transpose(1, 2), value.transpose(1, 2)  # [B, T, kv_heads, head_dim]
     if selection is not None:
         new_keys, new_values = new_keys[selection], new_values[selection]
-    k_cache[slots, :, cache_index] = new_keys.to(k_cache.dtype)
-    v_cache[slots, :, cache_index] = new_values.to(v_cache.dtype)
+    k_cache[slots, :, cache_index] = new_keys  # index_put casts to the cache dtype
+    v_cache[slots, :, cache_index] = new_values
 
     bound = batch.kv_len_bound
     if batch.rows_are_leading_slots:
@@ -149,10 +149,12 @@ def slot_attention_reference(
         keys = k_cache[:, :, :bound].index_select(0, batch.rows)
         values = v_cache[:, :, :bound].index_select(0, batch.rows)
     mask = _attention_mask(batch, num_cols, sliding_window)
+    if keys.dtype != query.dtype:
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
     out = F.scaled_dot_product_attention(
         query,
-        keys.to(query.dtype),
-        values.to(query.dtype),
+        keys,
+        values,
         attn_mask=mask,
         scale=scale,
         enable_gqa=query.shape[1] != keys.shape[1],
@@ -174,7 +176,10 @@ def slot_attention(
 
     Same parameters and result as :func:`slot_attention_reference`.
     """
-    backend = resolve_backend(batch.backend, query.device, has_cuda_op=False, has_triton_op=True)
+    backend = batch.derived.get("backend")
+    if backend is None:  # resolved once per step, not once per layer
+        backend = resolve_backend(batch.backend, query.device, has_cuda_op=False, has_triton_op=True)
+        batch.derived["backend"] = backend
     if backend == "triton":
         from effdecode.kernels.slot_attention import slot_attention_triton
 
