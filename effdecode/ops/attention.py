@@ -138,7 +138,9 @@ def slot_attention_reference(
     new_keys, new_values = key.transpose(1, 2), value.transpose(1, 2)  # [B, T, kv_heads, head_dim]
     if selection is not None:
         new_keys, new_values = new_keys[selection], new_values[selection]
-    k_cache[slots, :, cache_index] = new_keys  # index_put casts to the cache dtype
+    if new_keys.dtype != k_cache.dtype:
+        new_keys, new_values = new_keys.to(k_cache.dtype), new_values.to(v_cache.dtype)
+    k_cache[slots, :, cache_index] = new_keys
     v_cache[slots, :, cache_index] = new_values
 
     bound = batch.kv_len_bound
