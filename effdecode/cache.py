@@ -48,8 +48,11 @@ class SlotKVCache:
 
     Attributes
     ----------
+    key_buffer, value_buffer : torch.Tensor
+        ``[layers, slots, kv_heads, capacity, head_dim]``: all layers in one allocation, so ops that touch
+        every layer (compaction) run in one launch.
     keys, values : list[torch.Tensor]
-        One ``[slots, kv_heads, capacity, head_dim]`` buffer per layer.
+        Per-layer views ``[slots, kv_heads, capacity, head_dim]`` of the buffers.
     cache_lens : torch.Tensor
         int32 ``[slots]``: entries held per slot. Entries at or past it are never attended.
     positions : torch.Tensor
@@ -79,10 +82,12 @@ class SlotKVCache:
         self.capacity = capacity
         self.dtype = dtype
         self.device = device
-        shape = (num_slots, geometry.kv_heads, capacity, geometry.head_dim)
+        shape = (geometry.num_layers, num_slots, geometry.kv_heads, capacity, geometry.head_dim)
         # Zero-filled so that reads of never-written entries (padding queries) stay finite.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        self.key_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = list(self.key_buffer.unbind(0))
+        self.values = list(self.value_buffer.unbind(0))
         self.cache_lens = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.positions = torch.zeros(num_slots, dtype=torch.int64, device=device)
 
