@@ -1,0 +1,152 @@
+"""Microbenchmarks, one per op: torch reference vs our Triton / CUDA kernels vs the best peers installed.
+
+Run on a GPU: ``pytest benchmarks/test_ops.py --benchmark-enable --benchmark-group-by=group
+--benchmark-json benchmarks/results/<device>-<date>.json``. Every entry records achieved GB/s and, on a known
+GPU, the share of HBM peak in ``extra_info``. On a CPU-only machine the shapes shrink and the run is a dry run
+of the harness (Triton through its interpreter): those timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from device_info import bandwidth_report
+
+from effdecode.ops.attention import SlotBatch, slot_attention_reference
+from effdecode.ops.backend import cuda_extension
+from effdecode.ops.verify import verify_greedy
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+HALF = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def _sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, fn, bytes_moved: int, **info) -> None:
+    def call():
+        fn()
+        _sync()
+
+    benchmark.pedantic(call, rounds=20 if ON_GPU else 1, warmup_rounds=3 if ON_GPU else 0, iterations=1)
+    benchmark.extra_info.update(info)
+    if benchmark.stats is not None:
+        benchmark.extra_info.update(bandwidth_report(bytes_moved, benchmark.stats.stats.median))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+# Decode at batch 64, 4k context, Qwen2.5-7B heads (28 query, 4 KV, dim 128) on a GPU; tiny on CPU.
+ATTN = (
+    dict(batch=64, context=4096, q_heads=28, kv_heads=4, head_dim=128)
+    if ON_GPU
+    else dict(batch=2, context=64, q_heads=4, kv_heads=2, head_dim=32)
+)
+
+
+@pytest.fixture(scope="module")
+def decode_problem():
+    b, ctx, hq, hkv, d = (ATTN[k] for k in ("batch", "context", "q_heads", "kv_heads", "head_dim"))
+    torch.manual_seed(0)
+    k_cache = torch.randn(b, hkv, ctx + 16, d, device=DEVICE, dtype=HALF)
+    v_cache = torch.randn_like(k_cache)
+    query = torch.randn(b, hq, 1, d, device=DEVICE, dtype=HALF)
+    key = torch.randn(b, hkv, 1, d, device=DEVICE, dtype=HALF)
+    value = torch.randn_like(key)
+    cache_lens = torch.full((b,), ctx - 1, dtype=torch.int32, device=DEVICE)
+    rows = torch.arange(b, dtype=torch.int32, device=DEVICE)
+    q_lens = torch.ones(b, dtype=torch.int32, device=DEVICE)
+    kv_bytes = 2 * b * hkv * ctx * d * k_cache.element_size()
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        rows=rows,
+        cache_lens=cache_lens,
+        q_lens=q_lens,
+        kv_bytes=kv_bytes,
+        scale=d**-0.5,
+        context=ctx,
+    )
+
+
+def _batch(p, **flags) -> SlotBatch:
+    return SlotBatch(p["rows"], p["cache_lens"], p["q_lens"], kv_len_bound=p["context"], **flags)
+
+
+@pytest.mark.benchmark(group="attention-decode")
+@pytest.mark.parametrize("impl", ["torch", "triton", "flash_attn"])
+def test_decode_attention(benchmark, decode_problem, impl):
+    p = decode_problem
+    args = (p["query"], p["key"], p["value"], p["k_cache"], p["v_cache"])
+    if impl == "torch":
+        fn = lambda: slot_attention_reference(*args, _batch(p), p["scale"])  # noqa: E731
+    elif impl == "triton":
+        from effdecode.kernels.slot_attention import slot_attention_triton
+
+        fn = lambda: slot_attention_triton(*args, _batch(p), p["scale"])  # noqa: E731
+    else:
+        if not ON_GPU or importlib.util.find_spec("flash_attn") is None:
+            pytest.skip("flash-attn is not installed (or no GPU)")
+        from flash_attn import flash_attn_with_kvcache
+
+        k_flash = p["k_cache"].transpose(1, 2).contiguous()  # flash-attn wants [batch, seq, heads, dim]
+        v_flash = p["v_cache"].transpose(1, 2).contiguous()
+        q_flash = p["query"].transpose(1, 2).contiguous()
+        k_new, v_new = p["key"].transpose(1, 2).contiguous(), p["value"].transpose(1, 2).contiguous()
+        fn = lambda: flash_attn_with_kvcache(  # noqa: E731
+            q_flash, k_flash, v_flash, k_new, v_new, cache_seqlens=p["cache_lens"], causal=True
+        )
+    _run(benchmark, fn, p["kv_bytes"], impl=impl, **ATTN)
+
+
+# ------------------------------------------------------------------------------------------------- verify
+VERIFY = dict(batch=64, draft=5, vocab=151_936) if ON_GPU else dict(batch=4, draft=3, vocab=1000)
+
+
+@pytest.fixture(scope="module")
+def verify_problem():
+    b, k, v = VERIFY["batch"], VERIFY["draft"], VERIFY["vocab"]
+    torch.manual_seed(0)
+    logits = torch.randn(b, k + 1, v, device=DEVICE, dtype=HALF)
+    input_ids = logits.argmax(-1).roll(1, dims=1)  # drafts mostly accepted: the worst case reads all logits
+    q_lens = torch.full((b,), k + 1, dtype=torch.int32, device=DEVICE)
+    finished = torch.zeros(b, dtype=torch.bool, device=DEVICE)
+    eos = torch.tensor([2], device=DEVICE)
+    return dict(
+        logits=logits,
+        input_ids=input_ids,
+        q_lens=q_lens,
+        finished=finished,
+        eos=eos,
+        logit_bytes=logits.numel() * logits.element_size(),
+    )
+
+
+@pytest.mark.benchmark(group="verify-greedy")
+@pytest.mark.parametrize("impl", ["torch", "cuda", "flashinfer"])
+def test_verify_greedy(benchmark, verify_problem, impl):
+    p = verify_problem
+    args = (p["logits"], p["input_ids"], p["q_lens"], p["finished"], p["eos"])
+    if impl in ("torch", "cuda"):
+        if impl == "cuda" and (not ON_GPU or cuda_extension() is None):
+            pytest.skip("needs a GPU and the built effdecode._C")
+        fn = lambda: verify_greedy(*args, backend=impl)  # noqa: E731
+    else:
+        if not ON_GPU or importlib.util.find_spec("flashinfer") is None:
+            pytest.skip("FlashInfer is not installed (or no GPU)")
+        from flashinfer.sampling import chain_speculative_sampling
+
+        b, k, v = VERIFY["batch"], VERIFY["draft"], VERIFY["vocab"]
+        target = torch.softmax(p["logits"].float(), -1)
+        draft_probs = torch.zeros(b, k, v, device=DEVICE)
+        draft_ids = p["input_ids"][:, 1:].contiguous()
+        draft_probs.scatter_(2, draft_ids[..., None], 1.0)
+        fn = lambda: chain_speculative_sampling(draft_probs, draft_ids, target)  # noqa: E731
+    _run(benchmark, fn, p["logit_bytes"], impl=impl, **VERIFY)
