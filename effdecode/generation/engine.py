@@ -112,6 +112,7 @@ def run_generation(
         kv_len_bound = max_prompt
         stats.target_forwards = 1
         one_token = torch.ones(batch_size, dtype=torch.int32, device=device)
+        one_position = torch.ones(batch_size, dtype=torch.long, device=device)
 
         # transformers pads a finished row only when it knows an EOS token; without one, a row that a
         # stopping criterion ended keeps generating until every row is done. Mirror that.
@@ -121,7 +122,7 @@ def run_generation(
         while True:
             rows_long = rows.long()
             history = (
-                sequences.index_select(0, rows_long)[:, : prompt_width + step]
+                sequences[:, : prompt_width + step].index_select(0, rows_long)
                 if pipeline.needs_history
                 else None
             )
@@ -154,7 +155,7 @@ def run_generation(
                 else torch.zeros_like(next_tokens, dtype=torch.bool)
             )
             if request.stopping_criteria:
-                history = sequences.index_select(0, rows_long)[:, : prompt_width + step]
+                history = sequences[:, : prompt_width + step].index_select(0, rows_long)
                 hit = _criteria_hit(request.stopping_criteria, history, scores)
                 done = done | hit.to(device)
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
@@ -187,7 +188,7 @@ def run_generation(
             positions = cache.positions.index_select(0, rows_long)[:, None]
             logits = _last_logits(model, cache, batch, next_tokens[:, None], positions)
             cache.cache_lens.index_add_(0, rows_long, one_token[:num_rows])
-            cache.positions.index_add_(0, rows_long, torch.ones_like(rows_long))
+            cache.positions.index_add_(0, rows_long, one_position[:num_rows])
             kv_len_bound += 1
             stats.target_forwards += 1
 
