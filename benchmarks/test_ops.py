@@ -150,3 +150,65 @@ def test_verify_greedy(benchmark, verify_problem, impl):
         draft_probs.scatter_(2, draft_ids[..., None], 1.0)
         fn = lambda: chain_speculative_sampling(draft_probs, draft_ids, target)  # noqa: E731
     _run(benchmark, fn, p["logit_bytes"], impl=impl, **VERIFY)
+
+
+# --------------------------------------------------------------------------------------------- compaction
+# Keep 1024 of 4096 entries (a 25% budget) per (row, kv head) of a 28-layer, 4-KV-head cache, 16 rows.
+COMPACT = (
+    dict(layers=28, rows=16, kv_heads=4, context=4096, keep=1024, head_dim=128)
+    if ON_GPU
+    else dict(layers=2, rows=2, kv_heads=2, context=64, keep=16, head_dim=16)
+)
+
+
+@pytest.mark.benchmark(group="kv-compaction")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_kv_compaction(benchmark, impl):
+    from effdecode.ops.compaction import compact_kv
+
+    c = COMPACT
+    shape = (c["layers"], c["rows"], c["kv_heads"], c["context"], c["head_dim"])
+    keys = torch.randn(shape, device=DEVICE, dtype=HALF)
+    values = torch.randn_like(keys)
+    rows = torch.arange(c["rows"], dtype=torch.int32, device=DEVICE)
+    scores = torch.rand(c["rows"], c["kv_heads"], c["context"], device=DEVICE)
+    keep_index = scores.topk(c["keep"], dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    keep_lens = torch.full((c["rows"],), c["keep"], dtype=torch.int32, device=DEVICE)
+    cache_lens = torch.full((c["rows"],), c["context"], dtype=torch.int32, device=DEVICE)
+
+    def compact():
+        cache_lens.fill_(c["context"])  # each call compacts from the full cache again
+        compact_kv(keys, values, cache_lens, rows, keep_index, keep_lens, backend=impl)
+
+    # Read + write of every kept entry, keys and values, all layers (the index reads are noise).
+    moved = 2 * 2 * c["layers"] * c["rows"] * c["kv_heads"] * c["keep"] * c["head_dim"] * keys.element_size()
+    _run(benchmark, compact, moved, impl=impl, **c)
+
+
+# ------------------------------------------------------------------------------------------ n-gram propose
+NGRAM = (
+    dict(batch=64, history=8192, max_ngram=4, min_ngram=1, num_draft=5)
+    if ON_GPU
+    else dict(batch=4, history=256, max_ngram=3, min_ngram=1, num_draft=4)
+)
+
+
+@pytest.mark.benchmark(group="ngram-propose")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ngram_propose(benchmark, impl):
+    from effdecode.ops.ngram import ngram_propose
+
+    n = NGRAM
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 32_000, (n["batch"], n["history"]), generator=generator).to(DEVICE)
+    lengths = torch.full((n["batch"],), n["history"], dtype=torch.int32, device=DEVICE)
+    rows = torch.arange(n["batch"], dtype=torch.int32, device=DEVICE)
+    args = (tokens, lengths, rows, n["max_ngram"], n["min_ngram"], n["num_draft"])
+    # Random tokens rarely repeat: the worst case, a full scan of every history.
+    _run(
+        benchmark,
+        lambda: ngram_propose(*args, backend=impl),
+        tokens.numel() * tokens.element_size(),
+        impl=impl,
+        **n,
+    )
