@@ -27,13 +27,26 @@ _KNOWN_KWARGS = frozenset(
 
 
 class StepContext:
-    """What one forward needs beyond the model's inputs: the slot cache and the step's batch."""
+    """What one forward needs beyond the model's inputs: the slot cache and the step's batch.
 
-    __slots__ = ("cache", "batch")
+    Attributes
+    ----------
+    cache
+        The slot cache; ``cache.keys[layer]``/``cache.values[layer]`` are ``[slots, kv_heads, capacity,
+        head_dim]``.
+    batch : SlotBatch
+        Rows and lengths of this forward.
+    scores : list[torch.Tensor] or None
+        One float32 ``[slots, kv_heads, capacity]`` tensor per layer into which each layer's attention adds
+        the mass its queries put on every key (for eviction policies), or None to skip that work.
+    """
 
-    def __init__(self, cache, batch: SlotBatch) -> None:
+    __slots__ = ("cache", "batch", "scores")
+
+    def __init__(self, cache, batch: SlotBatch, scores: list[torch.Tensor] | None = None) -> None:
         self.cache = cache
         self.batch = batch
+        self.scores = scores
 
 
 def effdecode_attention(
@@ -88,6 +101,7 @@ def effdecode_attention(
         step.batch,
         scale,
         kwargs.get("sliding_window"),
+        scores_out=step.scores[layer] if step.scores is not None else None,
     )
     return out, None
 

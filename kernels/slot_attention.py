@@ -1,4 +1,4 @@
-"""Triton slot attention: append the step's keys/values to the slot cache and attend, in one launch.
+"""Triton slot attention: append the step's keys/values to the slot cache and attend, in one main launch.
 
 Follows the layout contract of :mod:`effdecode.ops.attention` (see its module docstring).
 
@@ -16,6 +16,26 @@ split-K, chosen when ``B * kv_heads`` programs would leave the GPU idle at long 
 a normalised partial output and its log-sum-exp (base 2), and a reduce kernel, one program per
 (row, column, query head), merges the splits. Programs whose split lies outside a row's visible key range
 write ``lse = -inf``, the neutral element of the merge.
+
+Attention scores (optional ``scores_out``)
+-----------------------------------------
+Eviction policies want, per (slot, kv head, key), the softmax weight summed over the step's valid queries and
+the GQA group's heads. A weight ``2^(s - lse)`` needs its query's final log-sum-exp, known only at the end of
+the main kernel (one split) or after the merge (split-K); and the sum over queries cannot be taken earlier,
+since each query has its own normaliser. So the final ``lse`` (base 2) of every query is written (by the main
+kernel with one split, by the merge kernel otherwise), and a scores kernel follows, grid
+``(key blocks, B * kv_heads)``: it turns a key block's logits into weights and sums them over the row's valid
+(column, head) pairs in registers. Each (slot, kv head, key) belongs to exactly one scores program, which does
+a plain read-modify-write of ``scores_out``: no atomics, deterministic. It gets the logits in one of two ways:
+
+- stored by the main kernel (fp32 ``[B * kv_heads, group * T, kv_len_bound]``): ``8 * group * T`` bytes of
+  traffic per (key, kv head), against the ``4 * head_dim`` bytes of fp16 K and V the main kernel reads, e.g.
+  about 6% more for decode with group 4 and head_dim 128;
+- recomputed as ``q @ k^T`` from the cache (which by then holds the step's entries too): one more read of K
+  (up to 50% more traffic for memory-bound decode), but no buffer, so prefills and huge batches use this one.
+
+:func:`_scores_from_logits` picks the cheaper. The main kernel's arithmetic does not change with scores (the
+extra work is stores only), so the output is bit-for-bit that of a call without ``scores_out``.
 """
 
 from __future__ import annotations
@@ -31,15 +51,23 @@ _LOG2E = 1.4426950408889634
 # Fewest keys a split is given: below this the partials' write and merge cost more than the parallelism gains.
 _MIN_SPLIT_LEN = 256
 _MAX_SPLITS = 64
+# Largest logits buffer the scores path allocates; beyond it the scores kernel recomputes q @ k^T instead.
+_MAX_LOGITS_BYTES = 128 << 20
 
 
 @triton.jit
 def _attend_block(
-    q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window,
-    HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """One online-softmax step of a [BLOCK_M] query tile against a [BLOCK_N] key tile."""
+    q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window, lg_row, lg_width,
+    HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step of a [BLOCK_M] query tile against a [BLOCK_N] key tile.
+
+    With ``STORE_LOGITS`` the tile's logits also go to ``lg_row[m] + n`` (for ``n < lg_width``).
+    """
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    if STORE_LOGITS:
+        lg_mask = col_valid[:, None] & key_ok[None, :] & (offs_n[None, :] < lg_width)
+        tl.store(lg_row[:, None] + offs_n[None, :], s, mask=lg_mask)
     visible = col_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_idx[:, None])
     if HAS_WINDOW:
         visible = visible & (offs_n[None, :] > q_idx[:, None] - window)
@@ -56,9 +84,9 @@ def _attend_block(
 
 @triton.jit
 def _slot_attention_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_lse_ptr, lse_ptr, logits_ptr,
     rows_ptr, cache_lens_ptr, q_lens_ptr,
-    qk_scale, window, num_cols, capacity, split_len, num_splits,
+    qk_scale, window, num_cols, capacity, split_len, num_splits, logits_width,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -66,8 +94,8 @@ def _slot_attention_kernel(
     svc_s, svc_h, svc_n, svc_d,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
+    DOT_DTYPE: tl.constexpr, STORE_LSE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -106,6 +134,9 @@ def _slot_attention_kernel(
     start = tl.maximum((lo // BLOCK_N) * BLOCK_N, split_lo)  # stays aligned: split_len % BLOCK_N == 0
     end = tl.minimum(hi, split_lo + split_len)
 
+    # Logits rows (scores path): [B * kv_heads, GROUP * num_cols, logits_width], row m of this (row, kv head).
+    lg_row = logits_ptr + (pid_bh.to(tl.int64) * (GROUP * num_cols) + offs_m) * logits_width
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -120,10 +151,12 @@ def _slot_attention_kernel(
         kv_mask = key_ok[:, None]
         k = tl.load(kc_base + offs_n[:, None] * skc_n + offs_d[None, :] * skc_d, mask=kv_mask, other=0.0)
         v = tl.load(vc_base + offs_n[:, None] * svc_n + offs_d[None, :] * svc_d, mask=kv_mask, other=0.0)
+        # fmt: off
         m_i, l_i, acc = _attend_block(
             q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale,
-            window, HAS_WINDOW, DOT_DTYPE,
+            window, lg_row, logits_width, HAS_WINDOW, DOT_DTYPE, STORE_LOGITS,
         )
+        # fmt: on
     # This step's entries, from the inputs (rounded through the cache dtype, as the cache will hold them).
     k_base = k_ptr + b64 * sk_b + h * sk_h
     v_base = v_ptr + b64 * sv_b + h * sv_h
@@ -135,9 +168,12 @@ def _slot_attention_kernel(
         v = tl.load(v_base + col[:, None] * sv_t + offs_d[None, :] * sv_d, mask=key_ok[:, None], other=0.0)
         k = k.to(kc_ptr.dtype.element_ty).to(DOT_DTYPE)
         v = v.to(vc_ptr.dtype.element_ty).to(DOT_DTYPE)
+        # fmt: off
         m_i, l_i, acc = _attend_block(
-            q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window, HAS_WINDOW, DOT_DTYPE,
+            q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window, lg_row, logits_width,
+            HAS_WINDOW, DOT_DTYPE, STORE_LOGITS,
         )
+        # fmt: on
 
     # Append the new entries: split 0 stores the columns whose g = 0 pair lies in this tile, so each entry has
     # one writer. Indices past the capacity are dropped rather than written out of bounds.
@@ -150,10 +186,16 @@ def _slot_attention_kernel(
         ok = (cols < w_hi) & (dst < capacity)
         k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :] * sk_d, mask=ok[:, None])
         v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :] * sv_d, mask=ok[:, None])
-        tl.store(kc_base + dst[:, None] * skc_n + offs_d[None, :] * skc_d, k.to(kc_ptr.dtype.element_ty),
-                 mask=ok[:, None])
-        tl.store(vc_base + dst[:, None] * svc_n + offs_d[None, :] * svc_d, v.to(vc_ptr.dtype.element_ty),
-                 mask=ok[:, None])
+        tl.store(
+            kc_base + dst[:, None] * skc_n + offs_d[None, :] * skc_d,
+            k.to(kc_ptr.dtype.element_ty),
+            mask=ok[:, None],
+        )
+        tl.store(
+            vc_base + dst[:, None] * svc_n + offs_d[None, :] * svc_d,
+            v.to(vc_ptr.dtype.element_ty),
+            mask=ok[:, None],
+        )
 
     # Padding columns and rows with no visible key in this split end with l = 0: output 0, lse = -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -164,18 +206,28 @@ def _slot_attention_kernel(
         part_row = out_row * num_splits + pid_s
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
-        tl.store(part_o_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o,
-                 mask=row_ok[:, None] & (l_i > 0.0)[:, None])
+        tl.store(
+            part_o_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+            o,
+            mask=row_ok[:, None] & (l_i > 0.0)[:, None],
+        )
     else:
-        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(
+            out_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+        if STORE_LSE:
+            # One split: this lse is final; the scores kernel normalises with it.
+            lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
+            tl.store(lse_ptr + out_row, lse, mask=row_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_o_ptr, part_lse_ptr, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-):
+    out_ptr, part_o_ptr, part_lse_ptr, lse_ptr, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -184,12 +236,97 @@ def _merge_splits_kernel(
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # padding column: every split empty, the output is 0
     w = tl.math.exp2(lse - m)
-    o = tl.load(part_o_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=live[:, None], other=0.0)
+    o = tl.load(
+        part_o_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=live[:, None],
+        other=0.0,
+    )
     total = tl.sum(w, 0)
-    total = tl.where(total > 0.0, total, 1.0)
-    res = tl.sum(o * w[:, None], 0) / total
+    total_safe = tl.where(total > 0.0, total, 1.0)
+    res = tl.sum(o * w[:, None], 0) / total_safe
+    if STORE_LSE:
+        # The final normaliser, for the scores kernel; -inf for padding columns.
+        tl.store(lse_ptr + row, tl.where(total > 0.0, m + tl.math.log2(total_safe), float("-inf")))
     tl.store(out_ptr + row * HEAD_DIM + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _emit_scores_kernel(
+    q_ptr, kc_ptr, lse_ptr, logits_ptr, scores_ptr,
+    rows_ptr, cache_lens_ptr, q_lens_ptr,
+    qk_scale, window, num_cols, capacity, logits_width,
+    sq_b, sq_h, sq_t, sq_d,
+    skc_s, skc_h, skc_n, skc_d,
+    ss_s, ss_h, ss_n,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Add ``2^(s - lse)`` summed over a (row, kv head)'s valid (column, head) pairs to a block of keys."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // KV_HEADS
+    h = (pid_bh % KV_HEADS).to(tl.int64)
+    q_heads = KV_HEADS * GROUP
+
+    slot = tl.load(rows_ptr + b).to(tl.int64)
+    cache_len = tl.load(cache_lens_ptr + slot).to(tl.int32)
+    q_len = tl.load(q_lens_ptr + b).to(tl.int32)
+    pad = num_cols - q_len
+
+    # Keys some valid query sees: [lo, cache_len + q_len), the first query's window to the last query; those
+    # past the capacity have no score entry. Only these are written, so every other entry keeps its bits.
+    kv_end = tl.where(q_len > 0, tl.minimum(cache_len + q_len, capacity), 0)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(cache_len - window + 1, 0)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    key_ok = (offs_n >= lo) & (offs_n < kv_end)
+
+    # Columns that see some key of the block: causality bounds them below, the window above.
+    t_lo = tl.maximum(n0 - cache_len + pad, pad)
+    t_hi = num_cols
+    if HAS_WINDOW:
+        t_hi = tl.minimum(n0 + BLOCK_N - 1 + window - cache_len + pad, num_cols)
+    t_hi = tl.where((n0 < kv_end) & (n0 + BLOCK_N > lo), t_hi, t_lo)  # block outside the keys: no work
+
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if not FROM_LOGITS:
+        # The cache holds the step's entries by now (written by the main kernel, rounded as it attended them).
+        kc_base = kc_ptr + slot * skc_s + h * skc_h
+        k = tl.load(
+            kc_base + offs_n[:, None] * skc_n + offs_d[None, :] * skc_d, mask=key_ok[:, None], other=0.0
+        )
+        k = k.to(DOT_DTYPE)
+    lg_base = logits_ptr + pid_bh.to(tl.int64) * (GROUP * num_cols) * logits_width
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(t_lo * GROUP, t_hi * GROUP, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # m = t * GROUP + g, as in the main kernel
+        t = offs_m // GROUP
+        g = offs_m % GROUP
+        col_valid = (t < num_cols) & (t >= pad)
+        q_idx = cache_len + t - pad
+        visible = col_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_idx[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > q_idx[:, None] - window)
+        hq = h * GROUP + g
+        lse = tl.load(lse_ptr + (b64 * num_cols + t) * q_heads + hq, mask=col_valid, other=0.0)
+        if FROM_LOGITS:
+            # Only visible logits were necessarily stored; the rest of the buffer is never read.
+            lg_mask = visible & (offs_n[None, :] < logits_width)
+            lg_ptrs = lg_base + offs_m[:, None].to(tl.int64) * logits_width + offs_n[None, :]
+            s = tl.load(lg_ptrs, mask=lg_mask, other=0.0)
+        else:
+            q_ptrs = q_ptr + b64 * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :] * sq_d
+            q = tl.load(q_ptrs, mask=col_valid[:, None], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        mass += tl.sum(tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0), 0)
+
+    # This program alone owns these (slot, kv head, key) entries: a plain read-modify-write, no atomics.
+    sc_ptrs = scores_ptr + slot * ss_s + h * ss_h + offs_n * ss_n
+    tl.store(sc_ptrs, tl.load(sc_ptrs, mask=key_ok, other=0.0) + mass, mask=key_ok)
 
 
 def _interpreted() -> bool:
@@ -221,13 +358,25 @@ def _num_splits(
     """(splits, keys per split): enough programs for about two waves, each split at least _MIN_SPLIT_LEN."""
     bound = max(kv_len_bound, 1)
     if requested is None:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 8
+        sms = (
+            _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            if device.type == "cuda"
+            else 8
+        )
         wanted = triton.cdiv(2 * sms, max(programs, 1))
         requested = min(wanted, triton.cdiv(bound, _MIN_SPLIT_LEN), _MAX_SPLITS)
     requested = max(1, requested)
     split_len = triton.cdiv(triton.cdiv(bound, requested), block_n) * block_n
     return triton.cdiv(bound, split_len), split_len
+
+
+def _scores_from_logits(rows_m: int, head_dim: int, cache_itemsize: int, logits_bytes: int) -> bool:
+    """Whether the scores kernel should read stored logits rather than recompute ``q @ k^T``.
+
+    Storing then reading fp32 logits moves ``8 * rows_m`` bytes per (key, kv head); recomputing them reads the
+    key again (``head_dim * cache_itemsize`` bytes). Big buffers (long prefills, huge batches) recompute.
+    """
+    return 8 * rows_m <= head_dim * cache_itemsize and logits_bytes <= _MAX_LOGITS_BYTES
 
 
 def slot_attention_triton(
@@ -239,12 +388,15 @@ def slot_attention_triton(
     batch,
     scale: float,
     sliding_window: int | None = None,
+    scores_out: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
+    scores_from_logits: bool | None = None,
 ) -> torch.Tensor:
     """Append ``key``/``value`` to the slot cache and attend over it, fused in one Triton launch.
 
-    Same contract as :func:`effdecode.ops.attention.slot_attention_reference`.
+    Same contract as :func:`effdecode.ops.attention.slot_attention_reference`. With split-K a merge kernel
+    follows; with ``scores_out`` a scores kernel follows (see the module docstring).
 
     Parameters
     ----------
@@ -263,9 +415,16 @@ def slot_attention_triton(
         Softmax scale applied to ``q @ k^T``.
     sliding_window : int, optional
         A query at cache index ``i`` sees only keys at indices ``> i - sliding_window``.
+    scores_out : torch.Tensor, optional
+        float32 ``[slots, kv_heads, capacity]``, any strides. For every key a valid query sees, the softmax
+        weights of the valid (column, query head) pairs of its row and GQA group are added to
+        ``scores_out[rows[b], kv_head, key]``; no other entry is touched. Deterministic.
     num_splits : int, optional
         Force the number of key-range splits (tests, tuning); by default chosen from the grid size and
         ``batch.kv_len_bound``. The effective number may be lower so that no split is empty by construction.
+    scores_from_logits : bool, optional
+        Force how the scores kernel gets the logits: stored by the main kernel (True) or recomputed (False);
+        by default the cheaper one in memory traffic (tests, tuning).
 
     Returns
     -------
@@ -275,17 +434,30 @@ def slot_attention_triton(
     bsz, q_heads, num_cols, head_dim = query.shape
     kv_heads = key.shape[1]
     if key.shape != (bsz, kv_heads, num_cols, head_dim) or value.shape != key.shape:
-        raise ValueError(f"key/value shape {tuple(key.shape)}/{tuple(value.shape)} does not match query "
-                         f"{tuple(query.shape)}")
+        raise ValueError(
+            f"key/value shape {tuple(key.shape)}/{tuple(value.shape)} does not match query "
+            f"{tuple(query.shape)}"
+        )
     if q_heads % kv_heads:
         raise ValueError(f"q_heads={q_heads} is not a multiple of kv_heads={kv_heads}")
     if k_cache.shape[1:] != v_cache.shape[1:] or k_cache.shape[1] != kv_heads or k_cache.shape[3] != head_dim:
-        raise ValueError(f"cache shapes {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit kv_heads="
-                         f"{kv_heads}, head_dim={head_dim}")
+        raise ValueError(
+            f"cache shapes {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit kv_heads="
+            f"{kv_heads}, head_dim={head_dim}"
+        )
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of 2 >= 16, got {head_dim}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if scores_out is not None and (
+        scores_out.shape != k_cache.shape[:3]
+        or scores_out.dtype != torch.float32
+        or scores_out.device != k_cache.device
+    ):
+        raise ValueError(
+            f"scores_out must be float32 {tuple(k_cache.shape[:3])} on {k_cache.device}, got "
+            f"{scores_out.dtype} {tuple(scores_out.shape)} on {scores_out.device}"
+        )
     out = torch.empty((bsz, num_cols, q_heads, head_dim), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
@@ -297,31 +469,64 @@ def slot_attention_triton(
         dot_dtype = torch.float32
     block_m, block_n, num_warps = _tile_config(dot_dtype, head_dim, group * num_cols)
     m_tiles = triton.cdiv(group * num_cols, block_m)
-    splits, split_len = _num_splits(query.device, bsz * kv_heads * m_tiles, batch.kv_len_bound, block_n,
-                                    num_splits)
+    splits, split_len = _num_splits(
+        query.device, bsz * kv_heads * m_tiles, batch.kv_len_bound, block_n, num_splits
+    )
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dot_dtype]
 
+    device = query.device
     if splits > 1:
-        part_o = torch.empty((bsz * num_cols * q_heads * splits, head_dim), dtype=torch.float32,
-                             device=query.device)
-        part_lse = torch.empty((bsz * num_cols * q_heads * splits,), dtype=torch.float32, device=query.device)
+        part_o = torch.empty(
+            (bsz * num_cols * q_heads * splits, head_dim), dtype=torch.float32, device=device
+        )
+        part_lse = torch.empty((bsz * num_cols * q_heads * splits,), dtype=torch.float32, device=device)
     else:
         part_o = part_lse = out  # unused
+    lse = logits = out  # unused unless scores are wanted
+    logits_width = max(batch.kv_len_bound, 1)
+    from_logits = False
+    if scores_out is not None:
+        lse = torch.empty((bsz * num_cols * q_heads,), dtype=torch.float32, device=device)
+        rows_m = group * num_cols
+        logits_shape = (bsz * kv_heads, rows_m, logits_width)
+        from_logits = scores_from_logits
+        if from_logits is None:
+            logits_bytes = 4 * bsz * kv_heads * rows_m * logits_width
+            from_logits = _scores_from_logits(rows_m, head_dim, k_cache.element_size(), logits_bytes)
+        if from_logits:
+            logits = torch.empty(logits_shape, dtype=torch.float32, device=device)
+    has_window = sliding_window is not None
+    # fmt: off
     _slot_attention_kernel[(splits, bsz * kv_heads, m_tiles)](
-        query, key, value, k_cache, v_cache, out, part_o, part_lse,
+        query, key, value, k_cache, v_cache, out, part_o, part_lse, lse, logits,
         batch.rows, batch.cache_lens, batch.q_lens,
         float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], split_len, splits,
+        logits_width,
         *query.stride(), *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, SPLIT=splits > 1, DOT_DTYPE=dot_dtype,
+        HAS_WINDOW=has_window, SPLIT=splits > 1, DOT_DTYPE=dot_dtype,
+        STORE_LSE=scores_out is not None and splits == 1, STORE_LOGITS=from_logits,
         num_warps=num_warps, num_stages=2,
     )
     if splits > 1:
         _merge_splits_kernel[(bsz * num_cols * q_heads,)](
-            out, part_o, part_lse, splits,
+            out, part_o, part_lse, lse, splits,
             HEAD_DIM=head_dim, BLOCK_S=max(triton.next_power_of_2(splits), 2),
+            STORE_LSE=scores_out is not None,
             num_warps=4 if head_dim >= 128 else 2,
         )
+    key_blocks = triton.cdiv(min(batch.kv_len_bound, k_cache.shape[2]), block_n)
+    if scores_out is not None and key_blocks > 0:
+        _emit_scores_kernel[(key_blocks, bsz * kv_heads)](
+            query, k_cache, lse, logits, scores_out,
+            batch.rows, batch.cache_lens, batch.q_lens,
+            float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], logits_width,
+            *query.stride(), *k_cache.stride(), *scores_out.stride(),
+            KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_WINDOW=has_window, FROM_LOGITS=from_logits, DOT_DTYPE=dot_dtype,
+            num_warps=4,
+        )
+    # fmt: on
     return out
 
 

@@ -67,23 +67,30 @@ def _run_case(
     scale = head_dim**-0.5
 
     def batch() -> SlotBatch:
-        return SlotBatch(rows=rows.clone(), cache_lens=all_lens.clone(), q_lens=q_lens_t.clone(),
-                         kv_len_bound=bound, backend="triton",
-                         rows_are_leading_slots=rows.tolist() == list(range(bsz)),
-                         q_full=all(q == num_cols for q in q_lens))
+        return SlotBatch(
+            rows=rows.clone(),
+            cache_lens=all_lens.clone(),
+            q_lens=q_lens_t.clone(),
+            kv_len_bound=bound,
+            backend="triton",
+            rows_are_leading_slots=rows.tolist() == list(range(bsz)),
+            q_full=all(q == num_cols for q in q_lens),
+        )
 
     ref_batch = batch()
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     # The reference's padding columns read NaN queries; only its valid columns are compared.
     # Same semantics as storing key/value in the cache dtype; cast here because the reference's index_put
     # does not cast (it raises on a dtype mismatch).
-    ref_out = slot_attention_reference(query, key.to(cache_dtype), value.to(cache_dtype), ref_k, ref_v,
-                                       ref_batch, scale, sliding_window)
+    ref_out = slot_attention_reference(
+        query, key.to(cache_dtype), value.to(cache_dtype), ref_k, ref_v, ref_batch, scale, sliding_window
+    )
 
     tri_batch = batch()
     tri_k, tri_v = k_cache.clone(), v_cache.clone()
-    out = slot_attention_triton(query, key, value, tri_k, tri_v, tri_batch, scale, sliding_window,
-                                num_splits=num_splits)
+    out = slot_attention_triton(
+        query, key, value, tri_k, tri_v, tri_batch, scale, sliding_window, num_splits=num_splits
+    )
 
     assert out.shape == (bsz, num_cols, q_heads, head_dim)
     assert out.dtype == dtype
@@ -133,8 +140,16 @@ def _run_case(
 def test_matches_reference(
     fresh_seed, dtype, kv_heads, group, num_cols, head_dim, cache_lens, q_lens, window
 ):
-    _run_case(dtype=dtype, kv_heads=kv_heads, group=group, num_cols=num_cols, head_dim=head_dim,
-              cache_lens=cache_lens, q_lens=q_lens, sliding_window=window)
+    _run_case(
+        dtype=dtype,
+        kv_heads=kv_heads,
+        group=group,
+        num_cols=num_cols,
+        head_dim=head_dim,
+        cache_lens=cache_lens,
+        q_lens=q_lens,
+        sliding_window=window,
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,8 +163,17 @@ def test_matches_reference(
     ],
 )
 def test_split_k(fresh_seed, dtype, group, num_cols, cache_lens, q_lens, window, num_splits):
-    _run_case(dtype=dtype, kv_heads=1, group=group, num_cols=num_cols, head_dim=16, cache_lens=cache_lens,
-              q_lens=q_lens, sliding_window=window, num_splits=num_splits)
+    _run_case(
+        dtype=dtype,
+        kv_heads=1,
+        group=group,
+        num_cols=num_cols,
+        head_dim=16,
+        cache_lens=cache_lens,
+        q_lens=q_lens,
+        sliding_window=window,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.parametrize("window", [None, 100])
@@ -157,8 +181,17 @@ def test_long_context_default_splits(fresh_seed, window):
     """Batch 1 at a longer context: the default plan splits the key range by itself."""
     cache_len, bound_slack = 700, 3
     assert _num_splits(torch.device("cpu"), 1, cache_len + 1 + bound_slack, 64, None)[0] > 1
-    _run_case(dtype=torch.float16, kv_heads=1, group=4, num_cols=1, head_dim=32, cache_lens=[cache_len],
-              q_lens=[1], sliding_window=window, bound_slack=bound_slack)
+    _run_case(
+        dtype=torch.float16,
+        kv_heads=1,
+        group=4,
+        num_cols=1,
+        head_dim=32,
+        cache_lens=[cache_len],
+        q_lens=[1],
+        sliding_window=window,
+        bound_slack=bound_slack,
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,8 +199,18 @@ def test_long_context_default_splits(fresh_seed, window):
 )
 def test_cache_dtype_differs(fresh_seed, dtype, cache_dtype):
     """New entries are rounded through the cache dtype before being attended, as the reference does."""
-    _run_case(dtype=dtype, cache_dtype=cache_dtype, kv_heads=2, group=2, num_cols=5, head_dim=16,
-              cache_lens=[30, 0], q_lens=[5, 2], num_splits=2, hf_layout=False)
+    _run_case(
+        dtype=dtype,
+        cache_dtype=cache_dtype,
+        kv_heads=2,
+        group=2,
+        num_cols=5,
+        head_dim=16,
+        cache_lens=[30, 0],
+        q_lens=[5, 2],
+        num_splits=2,
+        hf_layout=False,
+    )
 
 
 def test_split_plan():
@@ -182,12 +225,30 @@ def test_split_plan():
 
 
 def test_rejects_bad_shapes():
-    batch = SlotBatch(rows=torch.zeros(1, dtype=torch.int32), cache_lens=torch.zeros(1, dtype=torch.int32),
-                      q_lens=torch.ones(1, dtype=torch.int32), kv_len_bound=1)
+    batch = SlotBatch(
+        rows=torch.zeros(1, dtype=torch.int32),
+        cache_lens=torch.zeros(1, dtype=torch.int32),
+        q_lens=torch.ones(1, dtype=torch.int32),
+        kv_len_bound=1,
+    )
     cache = torch.zeros(1, 2, 4, 16)
     with pytest.raises(ValueError):
-        slot_attention_triton(torch.zeros(1, 3, 1, 16), torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16),
-                              cache, cache.clone(), batch, 1.0)
+        slot_attention_triton(
+            torch.zeros(1, 3, 1, 16),
+            torch.zeros(1, 2, 1, 16),
+            torch.zeros(1, 2, 1, 16),
+            cache,
+            cache.clone(),
+            batch,
+            1.0,
+        )
     with pytest.raises(ValueError):
-        slot_attention_triton(torch.zeros(1, 2, 1, 24), torch.zeros(1, 2, 1, 24), torch.zeros(1, 2, 1, 24),
-                              torch.zeros(1, 2, 4, 24), torch.zeros(1, 2, 4, 24), batch, 1.0)
+        slot_attention_triton(
+            torch.zeros(1, 2, 1, 24),
+            torch.zeros(1, 2, 1, 24),
+            torch.zeros(1, 2, 1, 24),
+            torch.zeros(1, 2, 4, 24),
+            torch.zeros(1, 2, 4, 24),
+            batch,
+            1.0,
+        )

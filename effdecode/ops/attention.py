@@ -12,6 +12,10 @@ Layout (the contract every implementation follows):
   Columns left of the valid ones are padding: they write nothing and their output is unspecified.
 - ``sliding_window``: if set, a query at cache index ``i`` only sees keys at indices ``> i - sliding_window``
   (HF's rule).
+- ``scores_out`` (optional): float32 ``[slots, kv_heads, capacity]``. Every valid query column of row ``b``
+  and every query head of kv head ``k``'s GQA group adds its softmax weight on key ``j`` to
+  ``scores_out[rows[b], k, j]``, for each key it sees (old and new entries). It accumulates (eviction policies
+  such as H2O sum attention mass over steps); entries no valid query sees are left bit-for-bit as they are.
 """
 
 from __future__ import annotations
@@ -101,6 +105,51 @@ def _attention_mask(batch: SlotBatch, num_cols: int, sliding_window: int | None)
     return batch.derived[key]
 
 
+def _accumulate_scores(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    batch: SlotBatch,
+    scale: float,
+    scores_out: torch.Tensor,
+) -> None:
+    """Add each visible key's softmax weight, summed over GQA groups and valid columns, to ``scores_out``.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, q_heads, T, head_dim]``.
+    keys : torch.Tensor
+        ``[B, kv_heads, L, head_dim]``, the rows' cache entries (new ones included), ``L <= capacity``.
+    mask : torch.Tensor
+        Boolean ``[B, 1, T, L]`` from :func:`_attention_mask`.
+    batch : SlotBatch
+        Rows and ``q_lens`` of this forward.
+    scale : float
+        Softmax scale applied to ``q @ k^T``.
+    scores_out : torch.Tensor
+        ``[slots, kv_heads, capacity]``, updated in place.
+    """
+    _, q_heads, num_cols, _ = query.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    # At least fp32 whatever the inputs: the weights are summed over many queries.
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype).unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, kv_heads, group, T, D]
+    logits = torch.einsum("bkgtd,bknd->bkgtn", q, keys.to(dtype)) * scale
+    weights = torch.softmax(logits.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+    cols = torch.arange(num_cols, device=query.device)
+    valid = cols[None, :] >= (num_cols - batch.q_lens)[:, None]  # [B, T]
+    # Padding columns add nothing (their weights may even be NaN: their queries are unspecified).
+    seen = mask[:, 0] & valid[:, :, None]  # [B, T, L]
+    weights = weights.masked_fill(~seen[:, None, None], 0.0)
+    mass = weights.sum(dim=(2, 3)).to(scores_out.dtype)  # [B, kv_heads, L]
+    region = scores_out[:, :, :kv_len]
+    rows = batch.rows.long()
+    current = region.index_select(0, rows)
+    # Keys no valid query sees keep their exact bits (x + 0.0 would turn -0.0 into +0.0).
+    region.index_copy_(0, rows, torch.where(seen.any(dim=1)[:, None], current + mass, current))
+
+
 def slot_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -110,6 +159,7 @@ def slot_attention_reference(
     batch: SlotBatch,
     scale: float,
     sliding_window: int | None = None,
+    scores_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference: append ``key``/``value`` to the slot cache, then attend.
 
@@ -127,6 +177,9 @@ def slot_attention_reference(
         Softmax scale applied to ``q @ k^T``.
     sliding_window : int, optional
         Keys further back than this from a query are masked.
+    scores_out : torch.Tensor, optional
+        float32 ``[slots, kv_heads, capacity]``; the softmax weights of the step's valid queries are added to
+        it (see the module docstring). The output does not depend on it.
 
     Returns
     -------
@@ -161,6 +214,9 @@ def slot_attention_reference(
         scale=scale,
         enable_gqa=query.shape[1] != keys.shape[1],
     )
+    if scores_out is not None:
+        # Separate from SDPA so that the output is the same with or without scores.
+        _accumulate_scores(query, keys, mask, batch, scale, scores_out)
     return out.transpose(1, 2)
 
 
@@ -173,6 +229,7 @@ def slot_attention(
     batch: SlotBatch,
     scale: float,
     sliding_window: int | None = None,
+    scores_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch slot attention to Triton on CUDA (or when forced) and to the torch reference otherwise.
 
@@ -185,5 +242,9 @@ def slot_attention(
     if backend == "triton":
         from effdecode.kernels.slot_attention import slot_attention_triton
 
-        return slot_attention_triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
-    return slot_attention_reference(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
+        return slot_attention_triton(
+            query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out
+        )
+    return slot_attention_reference(
+        query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out
+    )
