@@ -81,16 +81,21 @@ def _batch(p, **flags) -> SlotBatch:
 
 
 @pytest.mark.benchmark(group="attention-decode")
-@pytest.mark.parametrize("impl", ["torch", "triton", "flash_attn"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "triton+scores", "flash_attn"])
 def test_decode_attention(benchmark, decode_problem, impl):
+    """Decode attention; "triton+scores" also emits per-key attention mass (target: <= 1.15x flash-attn)."""
     p = decode_problem
     args = (p["query"], p["key"], p["value"], p["k_cache"], p["v_cache"])
     if impl == "torch":
         fn = lambda: slot_attention_reference(*args, _batch(p), p["scale"])  # noqa: E731
-    elif impl == "triton":
+    elif impl.startswith("triton"):
         from effdecode.kernels.slot_attention import slot_attention_triton
 
-        fn = lambda: slot_attention_triton(*args, _batch(p), p["scale"])  # noqa: E731
+        scores = None
+        if impl == "triton+scores":
+            slots, kv_heads, capacity = p["k_cache"].shape[:3]
+            scores = torch.zeros(slots, kv_heads, capacity, device=DEVICE, dtype=torch.float32)
+        fn = lambda: slot_attention_triton(*args, _batch(p), p["scale"], None, scores)  # noqa: E731
     else:
         if not ON_GPU or importlib.util.find_spec("flash_attn") is None:
             pytest.skip("flash-attn is not installed (or no GPU)")
