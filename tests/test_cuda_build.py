@@ -46,8 +46,14 @@ def _run_without_device(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that sees no CUDA device, importing this same effdecode."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     package_parent = Path(effdecode.__file__).resolve().parent.parent
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=package_parent, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=package_parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_extension_imports_and_exposes_verify():
@@ -62,7 +68,9 @@ def test_dtype_codes_agree():
     from effdecode import _C
 
     assert _CUDA_DTYPE_CODES == {
-        torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16,
+        torch.float32: _C.DTYPE_FLOAT32,
+        torch.float16: _C.DTYPE_FLOAT16,
+        torch.bfloat16: _C.DTYPE_BFLOAT16,
     }
 
 
