@@ -91,15 +91,18 @@ def test_hand_example():
     logits = torch.zeros(3, 4, 10)
     argmax = torch.tensor([[5, 1, 2, 3], [7, 4, 2, 9], [0, 6, 6, 8]])
     logits.scatter_(2, argmax[..., None], 1.0)
-    input_ids = torch.tensor([
-        [9, 9, 1, 9],  # q=3: s=1; draft 1 (col 2) = 1 == pred at col 1 -> accepted; draft 2 = 9 != 2
-        [0, 7, 4, 2],  # q=4: s=0; drafts 7, 4, 2 all accepted -> bonus 9 (an EOS)
-        [3, 3, 3, 3],  # q=1: plain greedy
-    ])
+    input_ids = torch.tensor(
+        [
+            [9, 9, 1, 9],  # q=3: s=1; draft 1 (col 2) = 1 == pred at col 1 -> accepted; draft 2 = 9 != 2
+            [0, 7, 4, 2],  # q=4: s=0; drafts 7, 4, 2 all accepted -> bonus 9 (an EOS)
+            [3, 3, 3, 3],  # q=1: plain greedy
+        ]
+    )
     q_lens = torch.tensor([3, 4, 1], dtype=torch.int32)
     finished = torch.tensor([False, False, False])
-    num_emitted, emitted, finished_out = check_against_loop(logits, input_ids, q_lens, finished,
-                                                            torch.tensor([9]))
+    num_emitted, emitted, finished_out = check_against_loop(
+        logits, input_ids, q_lens, finished, torch.tensor([9])
+    )
     assert num_emitted.tolist() == [2, 4, 1]
     assert emitted.tolist() == [[1, 2, -1, -1], [7, 4, 2, 9], [8, -1, -1, -1]]
     assert finished_out.tolist() == [False, True, False]
@@ -113,8 +116,9 @@ def test_partial_acceptance(fresh_seed, vocab, dtype):
     q_lens = torch.randint(1, num_cols + 1, (batch,)).tolist()
     accepted = [int(torch.randint(0, q, ())) for q in q_lens]
     logits, input_ids, q, _ = planted_case(q_lens, num_cols, vocab, accepted, dtype)
-    num_emitted, *_ = check_against_loop(logits, input_ids, q, torch.zeros(batch, dtype=torch.bool),
-                                         torch.empty(0, dtype=torch.int64))
+    num_emitted, *_ = check_against_loop(
+        logits, input_ids, q, torch.zeros(batch, dtype=torch.bool), torch.empty(0, dtype=torch.int64)
+    )
     assert num_emitted.tolist() == [a + 1 for a in accepted]
 
 
@@ -122,8 +126,11 @@ def test_plain_greedy_and_no_drafts(fresh_seed):
     # T = 1 (plain greedy), and rows with d = 0 inside a wider verify batch.
     logits = torch.randn(5, 1, 1000)
     num_emitted, emitted, _ = check_against_loop(
-        logits, torch.randint(1000, (5, 1)), torch.ones(5, dtype=torch.int32),
-        torch.zeros(5, dtype=torch.bool), torch.tensor([3]),
+        logits,
+        torch.randint(1000, (5, 1)),
+        torch.ones(5, dtype=torch.int32),
+        torch.zeros(5, dtype=torch.bool),
+        torch.tensor([3]),
     )
     assert num_emitted.tolist() == [1] * 5 and torch.equal(emitted[:, 0], logits[:, 0].argmax(-1))
     logits, input_ids, q, _ = planted_case([1, 1, 4], 4, 1000, [0, 0, 2])
@@ -163,14 +170,17 @@ def test_eos_cut(fresh_seed, vocab):
     q_lens, accepted = [6, 4, 5, 5], [5, 3, 1, 1]
     logits, input_ids, q, predictions = planted_case(q_lens, num_cols, vocab, accepted)
     starts = [num_cols - x for x in q_lens]
-    eos = torch.tensor([
-        predictions[0, starts[0] + 1],  # emitted token 2 = draft 2
-        predictions[1, starts[1] + 3],  # the bonus
-        predictions[2, starts[2] + 1],  # the correction after draft 1
-        predictions[3, starts[3] + 3],  # beyond the emitted run
-    ])
-    num_emitted, _, finished_out = check_against_loop(logits, input_ids, q, torch.zeros(4, dtype=torch.bool),
-                                                      eos)
+    eos = torch.tensor(
+        [
+            predictions[0, starts[0] + 1],  # emitted token 2 = draft 2
+            predictions[1, starts[1] + 3],  # the bonus
+            predictions[2, starts[2] + 1],  # the correction after draft 1
+            predictions[3, starts[3] + 3],  # beyond the emitted run
+        ]
+    )
+    num_emitted, _, finished_out = check_against_loop(
+        logits, input_ids, q, torch.zeros(4, dtype=torch.bool), eos
+    )
     assert num_emitted.tolist() == [2, 4, 2, 2]
     assert finished_out.tolist() == [True, True, True, False]
 
@@ -325,7 +335,12 @@ class TestVerifyGreedyCuda:
 
     def test_empty_batch(self):
         logits = torch.zeros(0, 3, 100, device="cuda")
-        out = verify_greedy(logits, torch.zeros(0, 3, dtype=torch.int64, device="cuda"),
-                            torch.zeros(0, dtype=torch.int32, device="cuda"),
-                            torch.zeros(0, dtype=torch.bool, device="cuda"), [1], backend="cuda")
+        out = verify_greedy(
+            logits,
+            torch.zeros(0, 3, dtype=torch.int64, device="cuda"),
+            torch.zeros(0, dtype=torch.int32, device="cuda"),
+            torch.zeros(0, dtype=torch.bool, device="cuda"),
+            [1],
+            backend="cuda",
+        )
         assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0,)]
