@@ -217,3 +217,29 @@ def test_ngram_propose(benchmark, impl):
         impl=impl,
         **n,
     )
+
+
+@pytest.mark.benchmark(group="verify-sampling")
+@pytest.mark.parametrize("impl", ["torch", "triton", "flashinfer"])
+def test_verify_sampling(benchmark, verify_problem, impl):
+    """Rejection sampling with per-row lengths and masks vs FlashInfer's fixed-length chain sampler."""
+    from effdecode.ops.verify import verify_sampling
+
+    p = verify_problem
+    b, k = VERIFY["batch"], VERIFY["draft"]
+    target = torch.softmax(p["logits"].float(), -1)
+    draft = torch.softmax(torch.randn_like(target), -1)
+    seeds = torch.arange(b, device=DEVICE, dtype=torch.int64)
+    offsets = torch.zeros(b, device=DEVICE, dtype=torch.int64)
+    prob_bytes = 2 * target.numel() * target.element_size()
+    if impl == "flashinfer":
+        if not ON_GPU or importlib.util.find_spec("flashinfer") is None:
+            pytest.skip("FlashInfer is not installed (or no GPU)")
+        from flashinfer.sampling import chain_speculative_sampling
+
+        draft_ids = p["input_ids"][:, 1:].contiguous()
+        fn = lambda: chain_speculative_sampling(draft[:, :k].contiguous(), draft_ids, target)  # noqa: E731
+    else:
+        args = (target, draft, p["input_ids"], p["q_lens"], p["finished"], p["eos"], seeds, offsets)
+        fn = lambda: verify_sampling(*args, backend=impl)  # noqa: E731
+    _run(benchmark, fn, prob_bytes, impl=impl, **VERIFY)
