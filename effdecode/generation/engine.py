@@ -15,38 +15,10 @@ from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest
-from effdecode.hf_attention import STEP_KWARG, StepContext, routed_through_effdecode
+from effdecode.generation.steps import criteria_hit, forward_logits, prefill
+from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.attention import SlotBatch
 from effdecode.stats import GenerationStats
-
-
-def _last_logits(
-    model: torch.nn.Module,
-    cache: SlotKVCache,
-    batch: SlotBatch,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-) -> torch.Tensor:
-    """Run the model on ``input_ids`` ``[B, T]`` and return the last column's logits ``[B, V]``."""
-    outputs = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=1,
-        **{STEP_KWARG: StepContext(cache, batch)},
-    )
-    return outputs.logits[:, -1]
-
-
-def _criteria_hit(criteria: list, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
-    """OR of the user's / stop-string criteria, bool ``[B]``; None when there are none."""
-    hit = None
-    for criterion in criteria:
-        result = criterion(history, scores)
-        if not isinstance(result, torch.Tensor):
-            result = torch.full((history.shape[0],), bool(result), device=history.device)
-        hit = result if hit is None else hit | result
-    return hit
 
 
 def run_generation(
@@ -90,25 +62,7 @@ def run_generation(
         streamer.put(input_ids.cpu())
 
     with routed_through_effdecode(model), torch.inference_mode():
-        # Prefill: prompts are right-aligned already (left padding), so the last column is every row's last
-        # prompt token and logits_to_keep=1 gives exactly the logits we need.
-        prompt_lens = request.prompt_lens
-        columns = torch.arange(prompt_width, device=device)
-        padding = prompt_width - prompt_lens.long()
-        position_ids = (columns[None, :] - padding[:, None]).clamp_(min=0)
-        prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
-        batch = SlotBatch(
-            rows,
-            cache.cache_lens,
-            prompt_lens,
-            kv_len_bound=max_prompt,
-            backend=backend,
-            rows_are_leading_slots=True,
-            q_full=max_prompt == int(request.prompt_lens.min()),
-        )
-        logits = _last_logits(model, cache, batch, prefill_ids, position_ids)
-        cache.cache_lens += prompt_lens
-        cache.positions += prompt_lens.long()
+        logits = prefill(model, cache, input_ids, request.prompt_lens, backend)
         kv_len_bound = max_prompt
         stats.target_forwards = 1
         one_token = torch.ones(batch_size, dtype=torch.int32, device=device)
@@ -156,8 +110,7 @@ def run_generation(
             )
             if request.stopping_criteria:
                 history = sequences[:, : prompt_width + step].index_select(0, rows_long)
-                hit = _criteria_hit(request.stopping_criteria, history, scores)
-                done = done | hit.to(device)
+                done = done | criteria_hit(request.stopping_criteria, history, scores)
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
             if step >= request.max_new_tokens or out_of_time:
                 break
@@ -186,7 +139,7 @@ def run_generation(
                 q_full=True,
             )
             positions = cache.positions.index_select(0, rows_long)[:, None]
-            logits = _last_logits(model, cache, batch, next_tokens[:, None], positions)
+            logits = forward_logits(model, cache, batch, next_tokens[:, None], positions)
             cache.cache_lens.index_add_(0, rows_long, one_token[:num_rows])
             cache.positions.index_add_(0, rows_long, one_position[:num_rows])
             kv_len_bound += 1

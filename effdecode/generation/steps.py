@@ -1,0 +1,86 @@
+"""Pieces both decode loops use: one forward over the slot cache, the batched prefill, stop criteria."""
+
+from __future__ import annotations
+
+import torch
+
+from effdecode.cache import SlotKVCache
+from effdecode.hf_attention import STEP_KWARG, StepContext
+from effdecode.ops.attention import SlotBatch
+
+
+def forward_logits(
+    model: torch.nn.Module,
+    cache: SlotKVCache,
+    batch: SlotBatch,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    last_only: bool = True,
+) -> torch.Tensor:
+    """Run ``model`` on ``input_ids`` ``[B, T]`` over the slot cache.
+
+    Returns the last column's logits ``[B, V]`` when ``last_only``, else every column's ``[B, T, V]``.
+    """
+    outputs = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=1 if last_only else 0,
+        **{STEP_KWARG: StepContext(cache, batch)},
+    )
+    return outputs.logits[:, -1] if last_only else outputs.logits
+
+
+def prefill(
+    model: torch.nn.Module,
+    cache: SlotKVCache,
+    input_ids: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """Write every prompt into its slot (slot ``b`` = row ``b``) in one forward; advance lengths/positions.
+
+    Parameters
+    ----------
+    input_ids : torch.Tensor
+        int64 ``[B, T0]``, left-padded, so the real tokens are right-aligned as the attention layout wants.
+    prompt_lens : torch.Tensor
+        int32 ``[B]`` real tokens per row.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` logits after each row's last prompt token (``logits_to_keep=1`` is exact because the
+        last column is every row's last prompt token).
+    """
+    batch_size, prompt_width = input_ids.shape
+    device = input_ids.device
+    max_prompt = int(prompt_lens.max())
+    columns = torch.arange(prompt_width, device=device)
+    padding = prompt_width - prompt_lens.long()
+    position_ids = (columns[None, :] - padding[:, None]).clamp_(min=0)
+    batch = SlotBatch(
+        torch.arange(batch_size, dtype=torch.int32, device=device),
+        cache.cache_lens,
+        prompt_lens,
+        kv_len_bound=max_prompt,
+        backend=backend,
+        rows_are_leading_slots=True,
+        q_full=max_prompt == int(prompt_lens.min()),
+    )
+    prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
+    logits = forward_logits(model, cache, batch, prefill_ids, position_ids)
+    cache.cache_lens[:batch_size] += prompt_lens
+    cache.positions[:batch_size] += prompt_lens.long()
+    return logits
+
+
+def criteria_hit(criteria: list, history: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+    """OR of the user's / stop-string criteria over rows of ``history`` ``[B, L]``: bool ``[B]``."""
+    hit = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+    for criterion in criteria:
+        result = criterion(history, scores)
+        if not isinstance(result, torch.Tensor):
+            result = torch.full((history.shape[0],), bool(result), device=history.device)
+        hit |= result.to(device=history.device, dtype=torch.bool)
+    return hit
