@@ -10,6 +10,7 @@ import torch
 from effdecode.config import DecodeConfig
 from effdecode.generation.engine import run_generation
 from effdecode.generation.request import Unsupported, build_request
+from effdecode.generation.speculative import run_speculative
 
 
 def _original_generate(model: torch.nn.Module):
@@ -74,4 +75,6 @@ def generate(
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
         return _original_generate(model)(input_ids, **generate_kwargs)
+    if request.speculation is not None:
+        return run_speculative(model, request)
     return run_generation(model, request)

@@ -21,6 +21,10 @@ class GenerationStats:
         Bytes of the KV cache buffers allocated for the call (all layers, keys and values).
     wall_time_s : float
         Wall-clock time of the call, prefill included.
+    draft_forwards : int
+        Forward passes of the draft model (speculative decoding with ``assistant_model``), prefill included.
+    proposed_draft_tokens, accepted_draft_tokens : list[int]
+        Draft tokens proposed to / accepted by the target, per row (speculative decoding; empty otherwise).
     """
 
     target_forwards: int = 0
@@ -28,6 +32,20 @@ class GenerationStats:
     kv_peak_tokens: int = 0
     kv_peak_bytes: int = 0
     wall_time_s: float = 0.0
+    draft_forwards: int = 0
+    proposed_draft_tokens: list[int] = field(default_factory=list)
+    accepted_draft_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """Mean tokens emitted per target forward (1 without speculation; up to k + 1 with it)."""
+        return self.total_new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted over proposed draft tokens, all rows together (0 without speculation)."""
+        proposed = sum(self.proposed_draft_tokens)
+        return sum(self.accepted_draft_tokens) / proposed if proposed else 0.0
 
     @property
     def total_new_tokens(self) -> int:

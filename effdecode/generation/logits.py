@@ -64,6 +64,30 @@ class LogitsPipeline:
             scores = warp_logits(scores, request.sampling)
         return scores
 
+    def process_columns(
+        self, logits: torch.Tensor, new_tokens: torch.Tensor, padding: torch.Tensor
+    ) -> torch.Tensor:
+        """Processed float32 scores ``[B, T, V]`` for a verify forward (speculative decoding).
+
+        Column ``t`` of row ``b`` predicts the row's token number ``new_tokens[b] + t - padding[b]``, so EOS
+        stays blocked per column until ``min_new_tokens``; warpers apply column by column. History-dependent
+        processors never reach here (speculation is off when they are given).
+        """
+        request = self.request
+        scores = logits.to(dtype=torch.float32, copy=True)
+        if request.eos_blocked_until > 0 and self.eos_ids.numel():
+            columns = torch.arange(scores.shape[1], device=scores.device)
+            produced = new_tokens[:, None] + columns[None, :] - padding[:, None].long()
+            blocked = (produced < request.eos_blocked_until)[:, :, None]
+            eos_columns = self._eos_column_mask(scores.shape[-1], scores.device)
+            scores = scores.masked_fill(blocked & eos_columns[None, None, :], float("-inf"))
+        if request.do_sample:
+            batch, num_cols, vocab = scores.shape
+            scores = warp_logits(scores.reshape(batch * num_cols, vocab), request.sampling).view(
+                batch, num_cols, vocab
+            )
+        return scores
+
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """int64 ``[B]`` next tokens: argmax for greedy, a draw from ``softmax(scores)`` when sampling."""
         if self.request.do_sample:

@@ -6,6 +6,7 @@ Generation options are merged exactly as transformers does (user kwargs > ``gene
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,6 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # ``generate`` arguments only transformers' own generate handles.
 _UNSUPPORTED_ARGUMENTS = (
-    "assistant_model",
-    "assistant_tokenizer",
     "prefix_allowed_tokens_fn",
     "synced_gpus",
     "negative_prompt_ids",
@@ -61,7 +60,6 @@ _UNSUPPORTED_CONFIG_FIELDS: dict[str, tuple] = {
     "renormalize_logits": (None, False),
     "remove_invalid_values": (None, False),
     "token_healing": (None, False),
-    "prompt_lookup_num_tokens": (None,),
     "use_mtp": (None, False),
     "low_memory": (None, False),
 }
@@ -79,6 +77,31 @@ class Unsupported(Exception):
         super().__init__(argument)
         self.argument = argument
         self.detail = detail
+
+
+@dataclass
+class SpeculationPlan:
+    """How rows draft tokens for speculative decoding.
+
+    Attributes
+    ----------
+    num_draft : int
+        Most draft tokens a row proposes per step (``prompt_lookup_num_tokens`` or ``num_assistant_tokens``).
+    schedule : str
+        "constant" (every row keeps ``num_draft``), "heuristic" (per row, transformers' rule: +2 after a step
+        whose drafts were all accepted, -1 otherwise, within [1, num_draft]) or "adaptive" (per row, from a
+        running mean of its accepted drafts).
+    assistant_model : torch.nn.Module, optional
+        The draft model; None drafts by n-gram lookup in each row's own history.
+    max_ngram, min_ngram : int
+        Longest and shortest suffix n-gram searched by the n-gram drafter.
+    """
+
+    num_draft: int
+    schedule: str = "constant"
+    assistant_model: torch.nn.Module | None = None
+    max_ngram: int = 3
+    min_ngram: int = 1
 
 
 @dataclass
@@ -116,6 +139,7 @@ class GenerationRequest:
     output_logits: bool = False
     return_dict_in_generate: bool = False
     decode_config: DecodeConfig = field(default_factory=DecodeConfig)
+    speculation: SpeculationPlan | None = None
 
     @property
     def batch_size(self) -> int:
@@ -199,6 +223,8 @@ def build_request(
         For bad input (empty prompt, mismatched mask, ids outside the vocabulary, negative lengths, ...).
     """
     kwargs = dict(generate_kwargs)
+    assistant_model = kwargs.pop("assistant_model", None)
+    assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
     for name in _UNSUPPORTED_ARGUMENTS:
         value = kwargs.pop(name, None)
         if value is not None and value is not False:
@@ -284,6 +310,20 @@ def build_request(
 
         stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
 
+    speculation = _speculation_plan(
+        model, config, assistant_model, assistant_tokenizer, tokenizer, decode_config
+    )
+    if speculation is not None:
+        blocker = _speculation_blocker(
+            config, logits_processors, stopping_criteria, streamer, input_ids.shape[0], eos_token_ids
+        )
+        if blocker:
+            warnings.warn(
+                f"effdecode: speculative decoding is off for this call ({blocker}); decoding without drafts",
+                stacklevel=3,
+            )
+            speculation = None
+
     num_return = config.num_return_sequences or 1
     if num_return > 1:
         input_ids = input_ids.repeat_interleave(num_return, dim=0)
@@ -314,4 +354,78 @@ def build_request(
         output_logits=bool(config.output_logits),
         return_dict_in_generate=bool(config.return_dict_in_generate),
         decode_config=decode_config,
+        speculation=speculation,
     )
+
+
+def _speculation_plan(
+    model: torch.nn.Module,
+    config,
+    assistant_model: torch.nn.Module | None,
+    assistant_tokenizer,
+    tokenizer,
+    decode_config: DecodeConfig,
+) -> SpeculationPlan | None:
+    """The drafting plan asked for by ``assistant_model`` / ``prompt_lookup_num_tokens``, validated."""
+    lookup = config.prompt_lookup_num_tokens
+    if assistant_model is None and lookup is None:
+        return None
+    if assistant_model is not None and lookup is not None:
+        raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+    if assistant_model is not None:
+        num_draft = config.num_assistant_tokens if config.num_assistant_tokens is not None else 20
+        _check_draft_model(model, assistant_model, assistant_tokenizer, tokenizer)
+    else:
+        num_draft = lookup
+    if not isinstance(num_draft, int) or num_draft < 1:
+        raise ValueError(f"the number of draft tokens must be an integer >= 1, got {num_draft!r}")
+    schedule = config.num_assistant_tokens_schedule or "constant"
+    if decode_config.draft_length == "adaptive":
+        schedule = "adaptive"
+    if schedule not in ("constant", "heuristic", "adaptive"):
+        raise ValueError(f"num_assistant_tokens_schedule={schedule!r}; expected 'constant' or 'heuristic'")
+    max_ngram = config.max_matching_ngram_size or 3
+    return SpeculationPlan(num_draft, schedule, assistant_model, max_ngram=max_ngram, min_ngram=1)
+
+
+def _check_draft_model(model, draft, draft_tokenizer, tokenizer) -> None:
+    target_vocab = model.get_output_embeddings().weight.shape[0]
+    draft_vocab = draft.get_output_embeddings().weight.shape[0]
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"assistant_model has a vocabulary of {draft_vocab} tokens but the model has {target_vocab}; "
+            "effdecode's drafts must share the target's tokenizer and vocabulary"
+        )
+    if (
+        draft_tokenizer is not None
+        and tokenizer is not None
+        and draft_tokenizer.get_vocab() != tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            "assistant_tokenizer differs from tokenizer; the draft must use the target's tokenizer"
+        )
+    if draft.device != model.device:
+        raise ValueError(f"assistant_model is on {draft.device} but the model is on {model.device}")
+    if draft.dtype != model.dtype:
+        raise ValueError(f"assistant_model has dtype {draft.dtype} but the model has {model.dtype}")
+    try:
+        check_model_supported(draft)
+    except Unsupported as reason:
+        raise ValueError(f"assistant_model is not supported by effdecode: {reason.detail}") from None
+
+
+def _speculation_blocker(
+    config, logits_processors: list, stopping_criteria: list, streamer, batch_size: int, eos_token_ids: list
+) -> str | None:
+    """Why speculation cannot run with these options (they need one token per step), or None."""
+    if stopping_criteria and not eos_token_ids:
+        return "stopping criteria without an EOS token keep finished rows generating, as transformers does"
+    if config.repetition_penalty not in (None, 1.0):
+        return "repetition_penalty depends on every earlier token"
+    if logits_processors:
+        return "user logits processors see one token per step"
+    if config.output_scores or config.output_logits:
+        return "output_scores/output_logits"
+    if streamer is not None and batch_size > 1:
+        return "streaming a batch"
+    return None

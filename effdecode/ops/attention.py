@@ -85,16 +85,16 @@ def _write_indices(batch: SlotBatch, num_cols: int) -> tuple[torch.Tensor, torch
     return batch.derived[key]
 
 
-def _attention_mask(batch: SlotBatch, num_cols: int, sliding_window: int | None) -> torch.Tensor:
-    """Boolean ``[B, 1, T, kv_len_bound]``: which cached keys each query column may see."""
-    key = ("mask", num_cols, sliding_window)
+def _attention_mask(batch: SlotBatch, num_cols: int, sliding_window: int | None, bound: int) -> torch.Tensor:
+    """Boolean ``[B, 1, T, bound]``: which of the first ``bound`` cached keys each query column may see."""
+    key = ("mask", num_cols, sliding_window, bound)
     if key not in batch.derived:
         device = batch.rows.device
         cols = torch.arange(num_cols, device=device, dtype=torch.int32)
         pad = num_cols - batch.q_lens
         start = batch.cache_lens[batch.rows.long()]
         query_index = start[:, None] + cols[None, :] - pad[:, None]  # [B, T]; < start for padding columns
-        keys = torch.arange(batch.kv_len_bound, device=device, dtype=torch.int32)
+        keys = torch.arange(bound, device=device, dtype=torch.int32)
         visible = keys[None, None, :] <= query_index[:, :, None]
         if sliding_window is not None:
             visible &= keys[None, None, :] > query_index[:, :, None] - sliding_window
@@ -196,14 +196,14 @@ def slot_attention_reference(
     k_cache[slots, :, cache_index] = new_keys
     v_cache[slots, :, cache_index] = new_values
 
-    bound = batch.kv_len_bound
+    bound = min(batch.kv_len_bound, k_cache.shape[2])  # a loose bound may pass the capacity
     if batch.rows_are_leading_slots:
         keys = k_cache[: query.shape[0], :, :bound]
         values = v_cache[: query.shape[0], :, :bound]
     else:
         keys = k_cache[:, :, :bound].index_select(0, batch.rows)
         values = v_cache[:, :, :bound].index_select(0, batch.rows)
-    mask = _attention_mask(batch, num_cols, sliding_window)
+    mask = _attention_mask(batch, num_cols, sliding_window, bound)
     if keys.dtype != query.dtype:
         keys, values = keys.to(query.dtype), values.to(query.dtype)
     out = F.scaled_dot_product_attention(

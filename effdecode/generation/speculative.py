@@ -1,0 +1,406 @@
+"""Batched speculative decoding: every row drafts, one target forward verifies all rows, each row accepts its
+own number of tokens.
+
+One step: propose (n-gram lookup in the row's own history, or a draft model with its own slot cache) ->
+verify (one target forward over the last token and the drafts, right-aligned, ``q_len = 1 + drafts``) ->
+accept (greedy: drafts up to the first disagreement with the target's argmax, then the target's token;
+sampling: lossless rejection sampling) -> update (append; cut at EOS, stop criteria, max_new_tokens) ->
+roll back (cache lengths count only accepted entries: rejected ones are never attended and get overwritten).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from effdecode.cache import KVGeometry, SlotKVCache
+from effdecode.generation.logits import LogitsPipeline
+from effdecode.generation.output import EffdecodeGenerateOutput
+from effdecode.generation.request import GenerationRequest, SpeculationPlan
+from effdecode.generation.steps import criteria_hit, forward_logits, prefill
+from effdecode.hf_attention import routed_through_effdecode
+from effdecode.ops.attention import SlotBatch
+from effdecode.ops.ngram import ngram_propose
+from effdecode.ops.sampling import warp_logits
+from effdecode.ops.verify import philox_offset_increment, verify_greedy, verify_sampling
+from effdecode.stats import GenerationStats
+
+
+class DraftSchedule:
+    """Per-row draft lengths following the plan's schedule (see :class:`SpeculationPlan`)."""
+
+    def __init__(self, plan: SpeculationPlan, batch_size: int, device: torch.device) -> None:
+        self.plan = plan
+        self.lengths = torch.full((batch_size,), plan.num_draft, dtype=torch.int32, device=device)
+        self.mean_accepted = torch.full((batch_size,), float(plan.num_draft), device=device)
+
+    def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Adjust the lengths of ``rows`` (int64 ``[B]``) after a step's ``proposed``/``accepted`` counts."""
+        if self.plan.schedule == "constant":
+            return
+        drafted = proposed > 0  # rows without a proposal (no n-gram match) learn nothing this step
+        current = self.lengths[rows]
+        if self.plan.schedule == "heuristic":
+            all_taken = accepted == proposed
+            updated = torch.where(all_taken, current + 2, current - 1)
+        else:
+            mean = torch.where(
+                drafted, 0.7 * self.mean_accepted[rows] + 0.3 * accepted, self.mean_accepted[rows]
+            )
+            self.mean_accepted[rows] = mean
+            updated = mean.floor().to(torch.int32) + 1
+        updated = updated.clamp(1, self.plan.num_draft).to(torch.int32)
+        self.lengths[rows] = torch.where(drafted, updated, current)
+
+
+class NgramDrafter:
+    """Prompt lookup: propose what followed the most recent earlier occurrence of the row's last n tokens."""
+
+    forwards = 0
+
+    def __init__(self, plan: SpeculationPlan, backend: str) -> None:
+        self.plan = plan
+        self.backend = backend
+
+    def prefill(self, *args) -> None:
+        pass
+
+    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
+        drafts, found = ngram_propose(
+            history, history_lens, rows, self.plan.max_ngram, self.plan.min_ngram, max_draft, self.backend
+        )
+        return drafts, torch.minimum(found, draft_lens), None
+
+    def rollback(self, rows: torch.Tensor, target_lens: torch.Tensor) -> None:
+        pass
+
+
+class ModelDrafter:
+    """A small model with its own slot cache drafts ``k`` tokens per row, batched over rows."""
+
+    def __init__(self, draft: torch.nn.Module, batch_size: int, capacity: int, backend: str) -> None:
+        self.model = draft
+        self.backend = backend
+        self.cache = SlotKVCache(
+            KVGeometry.from_config(draft.config), batch_size, capacity, draft.dtype, draft.device
+        )
+        self.forwards = 0
+
+    def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+        with routed_through_effdecode(self.model):
+            prefill(self.model, self.cache, input_ids, prompt_lens, self.backend)
+        self.forwards += 1
+
+    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
+        """Draft ``max_draft`` tokens for every row in ``rows``; row ``b`` offers the first ``draft_lens[b]``.
+
+        The first forward feeds the tokens the draft cache lacks (one, or two after a step whose drafts
+        were all accepted: the last draft and the bonus token), right-aligned; then one token per forward.
+        Returns drafts int64 ``[B, max_draft]``, their lengths, and the draft's distributions
+        ``[B, max_draft, V]`` when sampling (None for greedy).
+        """
+        rows_long = rows.long()
+        cache = self.cache
+        known = cache.cache_lens[rows_long]
+        total = history_lens[rows_long]
+        pending = (total - known).to(torch.int32)  # 1 or 2
+        columns = torch.arange(2, device=rows.device)
+        index = total[:, None] - 2 + columns[None, :]  # history index == RoPE position (no eviction here)
+        valid = columns[None, :] >= (2 - pending)[:, None]
+        input_ids = history[rows_long[:, None], index.clamp(min=0)].masked_fill(~valid, 0)
+        batch = SlotBatch(rows, cache.cache_lens, pending, kv_len_bound=kv_bound, backend=self.backend)
+        drafts = torch.empty(rows.shape[0], max_draft, dtype=torch.long, device=rows.device)
+        probs = []
+        ones = torch.ones_like(pending)
+        with routed_through_effdecode(self.model):
+            logits = forward_logits(self.model, cache, batch, input_ids, index.clamp(min=0))
+            cache.cache_lens.index_add_(0, rows_long, pending)
+            self.forwards += 1
+            for i in range(max_draft):
+                token, distribution = choose(logits)
+                drafts[:, i] = token
+                if distribution is not None:
+                    probs.append(distribution)
+                if i == max_draft - 1:
+                    break
+                batch = SlotBatch(
+                    rows,
+                    cache.cache_lens,
+                    ones,
+                    kv_len_bound=kv_bound + i + 1,
+                    backend=self.backend,
+                    q_full=True,
+                )
+                logits = forward_logits(self.model, cache, batch, token[:, None], (total + i)[:, None])
+                cache.cache_lens.index_add_(0, rows_long, ones)
+                self.forwards += 1
+        return drafts, draft_lens, torch.stack(probs, dim=1) if probs else None
+
+    def rollback(self, rows: torch.Tensor, target_lens: torch.Tensor) -> None:
+        """Keep only the entries the target accepted: the draft holds the same tokens up to there."""
+        self.cache.cache_lens[rows] = torch.minimum(self.cache.cache_lens[rows], target_lens)
+
+
+def _right_aligned_windows(
+    sequences: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, width: int, pad: int
+) -> torch.Tensor:
+    """``[B, width]`` windows of ``sequences`` rows ending at column ``ends[b]`` (left-filled with pad)."""
+    index = ends[:, None] - (width - 1) + torch.arange(width, device=ends.device)[None, :]
+    windows = sequences[rows[:, None], index.clamp(min=0)]
+    return windows.masked_fill(index < 0, pad)
+
+
+def run_speculative(
+    model: torch.nn.Module, request: GenerationRequest
+) -> torch.Tensor | EffdecodeGenerateOutput:
+    """Speculative decoding of ``request``; returns what :func:`run_generation` would, with draft stats."""
+    started = time.perf_counter()
+    plan = request.speculation
+    device = model.device
+    input_ids = request.input_ids
+    batch_size, prompt_width = input_ids.shape
+    max_prompt = int(request.prompt_lens.max())
+    capacity = max_prompt + request.max_new_tokens + plan.num_draft + 1
+    cache = SlotKVCache(KVGeometry.from_config(model.config), batch_size, capacity, model.dtype, device)
+    backend = request.decode_config.attn_backend
+    pipeline = LogitsPipeline(request, device)
+    eos_ids = pipeline.eos_ids
+    pad = request.pad_token_id if request.pad_token_id is not None else 0
+    width = prompt_width + request.max_new_tokens
+    sequences = torch.full((batch_size, width + plan.num_draft + 1), pad, dtype=torch.long, device=device)
+    sequences[:, :prompt_width] = input_ids
+    # Left-aligned histories (prompt without padding, then new tokens) for n-gram lookup and the draft model.
+    history = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+    prompt_lens = request.prompt_lens
+    columns = torch.arange(prompt_width, device=device)
+    source = (columns[None, :] + (prompt_width - prompt_lens.long())[:, None]).clamp(max=prompt_width - 1)
+    history[:, :prompt_width] = input_ids.gather(1, source)
+    history_lens = prompt_lens.clone()
+    new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+    schedule = DraftSchedule(plan, batch_size, device)
+    proposed_total = torch.zeros(batch_size, dtype=torch.long, device=device)
+    accepted_total = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if plan.assistant_model is not None:
+        drafter = ModelDrafter(plan.assistant_model, batch_size, capacity, backend)
+    else:
+        drafter = NgramDrafter(plan, backend)
+    sampling = request.do_sample
+    if sampling:
+        seeds = torch.randint(0, 2**62, (batch_size,), device=device)  # from torch's seeded generator
+        offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def choose_draft(logits: torch.Tensor):
+        if not sampling:
+            return logits.argmax(dim=-1), None
+        distribution = warp_logits(logits.float(), request.sampling).softmax(dim=-1)
+        return torch.multinomial(distribution, 1).squeeze(1), distribution
+
+    stats = GenerationStats(
+        kv_peak_bytes=cache.nbytes + getattr(getattr(drafter, "cache", None), "nbytes", 0)
+    )
+    streamer = request.streamer
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    with torch.inference_mode():
+        with routed_through_effdecode(model):
+            logits = prefill(model, cache, input_ids, prompt_lens, backend)
+        drafter.prefill(input_ids, prompt_lens)
+        stats.target_forwards = 1
+        scores = pipeline.process(logits, None, new_tokens)
+        first = pipeline.choose(scores)
+        num_emitted = torch.ones(batch_size, dtype=torch.int32, device=device)
+        emitted = first[:, None]
+        finished = torch.isin(first, eos_ids) | (request.max_new_tokens <= 1)
+        rows = torch.arange(batch_size, dtype=torch.int32, device=device)
+        kv_bound = max_prompt
+        step_cols = 1
+        max_new_bound = 0  # host-side upper bound of max(new_tokens)
+
+        while True:
+            rows_long = rows.long()
+            # Append this step's tokens, then cut runs at the first stop criterion hit.
+            if request.stopping_criteria:
+                num_emitted, finished = _cut_at_criteria(
+                    request,
+                    sequences,
+                    rows_long,
+                    new_tokens,
+                    emitted,
+                    num_emitted,
+                    finished,
+                    prompt_width + max_new_bound + step_cols,
+                    pad,
+                    prompt_width,
+                )
+            _append(
+                sequences,
+                history,
+                rows_long,
+                prompt_width + new_tokens[rows_long],
+                history_lens,
+                emitted,
+                num_emitted,
+            )
+            new_tokens[rows_long] += num_emitted.long()
+            history_lens[rows_long] += num_emitted
+            # A verify forward wrote the last token and the drafts; the last token and the accepted drafts,
+            # num_emitted entries, stay. The prefill's first token is not in the cache yet.
+            if stats.target_forwards > 1:
+                cache.cache_lens.index_add_(0, rows_long, num_emitted)
+                cache.positions.index_add_(0, rows_long, num_emitted.long())
+            drafter.rollback(rows_long, cache.cache_lens[rows_long])
+            max_new_bound += step_cols
+            if streamer is not None:
+                streamer.put(emitted[0, : int(num_emitted[0])].cpu())
+
+            finished = finished | (new_tokens[rows_long] >= request.max_new_tokens)
+            out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
+            finished_host = finished.cpu()  # the step's sync: which rows stay
+            if bool(finished_host.all()) or out_of_time:
+                break
+            if bool(finished_host.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                rows, rows_long = rows.index_select(0, keep), rows_long.index_select(0, keep)
+
+            # Propose: never more drafts than the row may still emit (minus the target's own token).
+            remaining = request.max_new_tokens - new_tokens[rows_long] - 1
+            wanted = torch.minimum(schedule.lengths[rows_long], remaining.to(torch.int32)).clamp(min=0)
+            max_draft = int(wanted.max())
+            drafts, draft_lens, draft_probs = (
+                drafter.propose(rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft)
+                if max_draft > 0
+                else (None, torch.zeros_like(wanted), None)
+            )
+            stats.draft_forwards = drafter.forwards
+            step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
+
+            # Verify every row in one target forward: [last token, drafts...], right-aligned.
+            q_lens = (1 + draft_lens).to(torch.int32)
+            verify_ids, position_ids = _verify_inputs(
+                history, history_lens, rows_long, drafts, draft_lens, step_cols, cache.positions
+            )
+            batch = SlotBatch(
+                rows,
+                cache.cache_lens,
+                q_lens,
+                kv_len_bound=kv_bound + step_cols,
+                backend=backend,
+                q_full=step_cols == 1,
+            )
+            with routed_through_effdecode(model):
+                logits = forward_logits(model, cache, batch, verify_ids, position_ids, last_only=False)
+            stats.target_forwards += 1
+            kv_bound += step_cols
+            scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
+            active_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
+            if sampling:
+                aligned = (
+                    _align_draft_probs(draft_probs, draft_lens, step_cols)
+                    if draft_probs is not None
+                    else None
+                )
+                num_emitted, emitted, finished = verify_sampling(
+                    scores.softmax(dim=-1),
+                    aligned,
+                    verify_ids,
+                    q_lens,
+                    active_finished,
+                    eos_ids,
+                    seeds[rows_long],
+                    offsets[rows_long],
+                    backend=backend,
+                )
+                offsets[rows_long] += philox_offset_increment(step_cols, scores.shape[-1])
+            else:
+                num_emitted, emitted, finished = verify_greedy(
+                    scores, verify_ids, q_lens, active_finished, eos_ids, backend=backend
+                )
+            remaining = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)
+            num_emitted = torch.minimum(num_emitted, remaining)
+            if max_draft > 0:
+                accepted = _accepted_drafts(emitted, num_emitted, drafts, draft_lens)
+                proposed_total[rows_long] += draft_lens.long()
+                accepted_total[rows_long] += accepted
+                schedule.update(rows_long, draft_lens, accepted.to(torch.int32))
+
+    if streamer is not None:
+        streamer.end()
+    longest = int(new_tokens.max())
+    stats.new_tokens = new_tokens.tolist()
+    stats.proposed_draft_tokens = proposed_total.tolist()
+    stats.accepted_draft_tokens = accepted_total.tolist()
+    stats.draft_forwards = drafter.forwards
+    stats.kv_peak_tokens = int(cache.cache_lens.max())
+    stats.wall_time_s = time.perf_counter() - started
+    sequences = sequences[:, : prompt_width + longest]
+    if not request.return_dict_in_generate:
+        return sequences
+    return EffdecodeGenerateOutput(sequences=sequences, stats=stats)
+
+
+def _verify_inputs(history, history_lens, rows, drafts, draft_lens, num_cols, positions):
+    """Verify-forward tokens and positions ``[B, num_cols]``: last token then drafts, right-aligned."""
+    columns = torch.arange(num_cols, device=rows.device)
+    start = num_cols - 1 - draft_lens.long()  # column of the last accepted token
+    offset = columns[None, :] - start[:, None]  # 0 = last token, i = draft i
+    last_token = history[rows, history_lens[rows].long() - 1]
+    tokens = last_token[:, None].expand(-1, num_cols)
+    if drafts is not None:
+        draft_index = (offset - 1).clamp(0, drafts.shape[1] - 1)
+        tokens = torch.where(offset >= 1, drafts.gather(1, draft_index), tokens)
+    tokens = tokens.masked_fill(offset < 0, 0)
+    # The last token sits at position positions[row] (cache_len == its index while nothing is evicted).
+    position_ids = (positions[rows][:, None] + offset).clamp(min=0)
+    return tokens, position_ids
+
+
+def _align_draft_probs(draft_probs: torch.Tensor, draft_lens: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """``[B, k, V]`` draft distributions to the verify layout ``[B, num_cols, V]`` (column of draft i - 1)."""
+    columns = torch.arange(num_cols, device=draft_probs.device)
+    start = num_cols - 1 - draft_lens.long()
+    index = (columns[None, :] - start[:, None]).clamp(0, draft_probs.shape[1] - 1)
+    aligned = draft_probs.gather(1, index[:, :, None].expand(-1, -1, draft_probs.shape[2]))
+    return aligned
+
+
+def _accepted_drafts(emitted, num_emitted, drafts, draft_lens) -> torch.Tensor:
+    """Leading emitted tokens that are the row's own drafts: int64 ``[B]``."""
+    k = min(drafts.shape[1], emitted.shape[1])
+    positions = torch.arange(k, device=drafts.device)[None, :]
+    same = (emitted[:, :k] == drafts[:, :k]) & (positions < draft_lens[:, None]) & (positions < num_emitted[:, None])
+    return same.long().cumprod(dim=1).sum(dim=1)
+
+
+def _append(sequences, history, rows, sequence_cols, history_lens, emitted, num_emitted) -> None:
+    """Write each row's ``num_emitted`` tokens after its current end in both buffers."""
+    offsets = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
+    b_idx, j_idx = (offsets < num_emitted[:, None]).nonzero(as_tuple=True)
+    tokens = emitted[b_idx, j_idx]
+    sequences[rows[b_idx], sequence_cols[b_idx] + j_idx] = tokens
+    history[rows[b_idx], history_lens[rows[b_idx]].long() + j_idx] = tokens
+
+
+def _cut_at_criteria(
+    request, sequences, rows, new_tokens, emitted, num_emitted, finished, width, pad, prompt_width
+):
+    """End each row's run at the first token after which a stopping criterion (stop string, user) holds."""
+    num_emitted = num_emitted.clone()
+    finished = finished.clone()
+    ends = prompt_width + new_tokens[rows] - 1  # column of the row's last appended token
+    pending = torch.ones_like(finished)
+    extended = sequences.clone()
+    for j in range(emitted.shape[1]):
+        present = pending & (j < num_emitted)
+        if not bool(present.any()):
+            break
+        extended[rows, (ends + 1 + j).clamp(max=sequences.shape[1] - 1)] = torch.where(
+            present, emitted[:, j], extended[rows, (ends + 1 + j).clamp(max=sequences.shape[1] - 1)]
+        )
+        windows = _right_aligned_windows(extended, rows, ends + 1 + j, width, pad)
+        hit = criteria_hit(request.stopping_criteria, windows, None) & present
+        num_emitted = torch.where(hit, j + 1, num_emitted)
+        finished |= hit
+        pending &= ~hit
+    return num_emitted, finished
