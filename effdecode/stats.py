@@ -25,6 +25,8 @@ class GenerationStats:
         Forward passes of the draft model (speculative decoding with ``assistant_model``), prefill included.
     proposed_draft_tokens, accepted_draft_tokens : list[int]
         Draft tokens proposed to / accepted by the target, per row (speculative decoding; empty otherwise).
+    target_row_forwards : list[int]
+        Target forwards each row took part in (prefill included); a row leaves once it finishes.
     """
 
     target_forwards: int = 0
@@ -35,11 +37,13 @@ class GenerationStats:
     draft_forwards: int = 0
     proposed_draft_tokens: list[int] = field(default_factory=list)
     accepted_draft_tokens: list[int] = field(default_factory=list)
+    target_row_forwards: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_target_forward(self) -> float:
-        """Mean tokens emitted per target forward (1 without speculation; up to k + 1 with it)."""
-        return self.total_new_tokens / self.target_forwards if self.target_forwards else 0.0
+        """Mean tokens a row gains per target forward it joins (1 without speculation, up to k + 1)."""
+        forwards = sum(self.target_row_forwards)
+        return self.total_new_tokens / forwards if forwards else 0.0
 
     @property
     def draft_acceptance_rate(self) -> float:

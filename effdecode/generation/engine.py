@@ -149,6 +149,7 @@ def run_generation(
         streamer.end()
     sequences = sequences[:, : prompt_width + step]
     stats.new_tokens = new_tokens.tolist()
+    stats.target_row_forwards = list(stats.new_tokens)  # one forward per token (prefill gives the first)
     stats.kv_peak_tokens = int(cache.cache_lens.max())
     stats.wall_time_s = time.perf_counter() - started
     if not request.return_dict_in_generate:

@@ -179,6 +179,7 @@ def run_speculative(
     history_lens = prompt_lens.clone()
     new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
     schedule = DraftSchedule(plan, batch_size, device)
+    row_forwards = torch.ones(batch_size, dtype=torch.long, device=device)  # the prefill
     proposed_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     accepted_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     if plan.assistant_model is not None:
@@ -292,6 +293,7 @@ def run_speculative(
             with routed_through_effdecode(model):
                 logits = forward_logits(model, cache, batch, verify_ids, position_ids, last_only=False)
             stats.target_forwards += 1
+            row_forwards[rows_long] += 1
             kv_bound += step_cols
             scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
             active_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
@@ -331,6 +333,7 @@ def run_speculative(
     stats.new_tokens = new_tokens.tolist()
     stats.proposed_draft_tokens = proposed_total.tolist()
     stats.accepted_draft_tokens = accepted_total.tolist()
+    stats.target_row_forwards = row_forwards.tolist()
     stats.draft_forwards = drafter.forwards
     stats.kv_peak_tokens = int(cache.cache_lens.max())
     stats.wall_time_s = time.perf_counter() - started
@@ -369,7 +372,8 @@ def _accepted_drafts(emitted, num_emitted, drafts, draft_lens) -> torch.Tensor:
     """Leading emitted tokens that are the row's own drafts: int64 ``[B]``."""
     k = min(drafts.shape[1], emitted.shape[1])
     positions = torch.arange(k, device=drafts.device)[None, :]
-    same = (emitted[:, :k] == drafts[:, :k]) & (positions < draft_lens[:, None]) & (positions < num_emitted[:, None])
+    in_run = (positions < draft_lens[:, None]) & (positions < num_emitted[:, None])
+    same = (emitted[:, :k] == drafts[:, :k]) & in_run
     return same.long().cumprod(dim=1).sum(dim=1)
 
 
