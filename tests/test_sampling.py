@@ -102,3 +102,26 @@ def test_sampling_with_min_p_and_repetition_penalty_runs_and_respects_length():
     )
     assert out.sequences.shape == (3, 5 + 12)
     assert out.stats.new_tokens == [12, 12, 12]
+
+
+def test_engine_samples_with_the_triton_kernel_where_triton_runs(monkeypatch):
+    """Forced Triton (the interpreter here): sampling goes through the sort-free kernel, and a seed still
+    reproduces the output."""
+    from effdecode.ops import sampling as sampling_ops
+
+    calls = []
+    kernel = sampling_ops.sample_tokens
+    monkeypatch.setattr(
+        "effdecode.generation.logits.sample_tokens", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+    monkeypatch.setenv("EFFDECODE_BACKEND", "triton")
+    model = tiny_model("llama", torch.float32, seed=30)
+    input_ids, mask = ragged_prompts(3, max_len=5, seed=30)
+    kwargs = dict(attention_mask=mask, do_sample=True, max_new_tokens=6, top_k=20, top_p=0.9)
+    torch.manual_seed(5)
+    first = effdecode.generate(model, input_ids, **kwargs)
+    torch.manual_seed(5)
+    second = effdecode.generate(model, input_ids, **kwargs)
+    assert len(calls) == 2 * 6
+    assert torch.equal(first, second)
+    assert first.shape == (3, 5 + 6) and (first[:, 5:] < model.config.vocab_size).all()

@@ -81,7 +81,7 @@ def run_generation(
                 else None
             )
             scores = pipeline.process(logits, history, new_tokens[rows_long])
-            next_tokens = pipeline.choose(scores)
+            next_tokens = pipeline.choose(scores, rows_long)
             sequences[rows_long, prompt_width + new_tokens[rows_long]] = next_tokens
             new_tokens[rows_long] += 1
             step += 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from effdecode.generation.request import GenerationRequest
-from effdecode.ops.sampling import sample_from_scores, warp_logits
+from effdecode.ops.backend import resolve_backend
+from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -35,6 +36,22 @@ class LogitsPipeline:
         self.request = request
         self.eos_ids = torch.tensor(request.eos_token_ids, dtype=torch.long, device=device)
         self.needs_history = request.repetition_penalty != 1.0 or bool(request.logits_processors)
+        # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox;
+        # its seeds come from torch's generator, so torch.manual_seed still reproduces a call. The torch path
+        # (CPU) keeps transformers' exact ops, and is also used when the warped scores must be returned.
+        self.kernel_sampler = (
+            request.do_sample
+            and not request.output_scores
+            and resolve_backend("auto", device, has_cuda_op=False, has_triton_op=True) == "triton"
+        )
+        if self.kernel_sampler:
+            rows, params = request.batch_size, request.sampling
+            self.seeds = torch.randint(0, 2**62, (rows,), device=device)
+            self.offsets = torch.zeros(rows, dtype=torch.long, device=device)
+            self.temperature = torch.full((rows,), params.temperature, device=device)
+            self.top_k = torch.full((rows,), params.top_k or 0, dtype=torch.int32, device=device)
+            self.top_p = torch.full((rows,), params.top_p if params.top_p is not None else 1.0, device=device)
+            self.min_p = torch.full((rows,), params.min_p or 0.0, device=device)
         self._eos_columns: torch.Tensor | None = None  # bool [V], built on the first step
 
     def _eos_column_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -60,7 +77,7 @@ class LogitsPipeline:
             scores = scores.masked_fill(blocked & eos_columns[None, :], float("-inf"))
         for processor in request.logits_processors:
             scores = processor(history, scores)
-        if request.do_sample:
+        if request.do_sample and not self.kernel_sampler:
             scores = warp_logits(scores, request.sampling)
         return scores
 
@@ -88,8 +105,20 @@ class LogitsPipeline:
             )
         return scores
 
-    def choose(self, scores: torch.Tensor) -> torch.Tensor:
-        """int64 ``[B]`` next tokens: argmax for greedy, a draw from ``softmax(scores)`` when sampling."""
-        if self.request.do_sample:
+    def choose(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B]`` next tokens of slots ``rows``: argmax for greedy, a draw when sampling."""
+        if not self.request.do_sample:
+            return scores.argmax(dim=-1)
+        if not self.kernel_sampler:
             return sample_from_scores(scores)
-        return scores.argmax(dim=-1)
+        tokens = sample_tokens(
+            scores,
+            self.temperature[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            self.min_p[rows],
+            self.seeds[rows],
+            self.offsets[rows],
+        )
+        self.offsets[rows] += scores.shape[-1]  # the kernel used counters [offset, offset + V) of each row
+        return tokens

@@ -210,7 +210,7 @@ def run_speculative(
         drafter.prefill(input_ids, prompt_lens)
         stats.target_forwards = 1
         scores = pipeline.process(logits, None, new_tokens)
-        first = pipeline.choose(scores)
+        first = pipeline.choose(scores, torch.arange(batch_size, device=device))
         num_emitted = torch.ones(batch_size, dtype=torch.int32, device=device)
         emitted = first[:, None]
         finished = torch.isin(first, eos_ids) | (request.max_new_tokens <= 1)
