@@ -10,6 +10,7 @@ roll back (cache lengths count only accepted entries: rejected ones are never at
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -28,27 +29,41 @@ from effdecode.stats import GenerationStats
 
 
 class DraftSchedule:
-    """Per-row draft lengths following the plan's schedule (see :class:`SpeculationPlan`)."""
+    """Per-row draft lengths following the plan's schedule (see :class:`SpeculationPlan`).
+
+    Whatever the schedule, a row whose recent steps gained fewer than ``PAUSE_BELOW`` accepted drafts on
+    average stops drafting (speculation costs a wider verify forward and the drafting itself), and probes
+    again every ``PROBE_EVERY`` steps so it resumes when its text turns predictable.
+    """
+
+    PAUSE_BELOW = 0.5
+    PROBE_EVERY = 8
 
     def __init__(self, plan: SpeculationPlan, batch_size: int, device: torch.device) -> None:
         self.plan = plan
         self.lengths = torch.full((batch_size,), plan.num_draft, dtype=torch.int32, device=device)
-        self.mean_accepted = torch.full((batch_size,), float(plan.num_draft), device=device)
+        self.mean_accepted = torch.full((batch_size,), float(plan.num_draft), device=device)  # optimistic
+        self.steps = 0
+
+    def wanted(self, rows: torch.Tensor) -> torch.Tensor:
+        """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows."""
+        self.steps += 1
+        lengths = self.lengths[rows]
+        if self.steps % self.PROBE_EVERY:
+            lengths = torch.where(self.mean_accepted[rows] < self.PAUSE_BELOW, 0, lengths)
+        return lengths
 
     def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """Adjust the lengths of ``rows`` (int64 ``[B]``) after a step's ``proposed``/``accepted`` counts."""
+        drafted = proposed > 0  # rows without a proposal (paused, no n-gram match) learn nothing this step
+        mean = torch.where(drafted, 0.7 * self.mean_accepted[rows] + 0.3 * accepted, self.mean_accepted[rows])
+        self.mean_accepted[rows] = mean
         if self.plan.schedule == "constant":
             return
-        drafted = proposed > 0  # rows without a proposal (no n-gram match) learn nothing this step
         current = self.lengths[rows]
         if self.plan.schedule == "heuristic":
-            all_taken = accepted == proposed
-            updated = torch.where(all_taken, current + 2, current - 1)
+            updated = torch.where(accepted == proposed, current + 2, current - 1)
         else:
-            mean = torch.where(
-                drafted, 0.7 * self.mean_accepted[rows] + 0.3 * accepted, self.mean_accepted[rows]
-            )
-            self.mean_accepted[rows] = mean
             updated = mean.floor().to(torch.int32) + 1
         updated = updated.clamp(1, self.plan.num_draft).to(torch.int32)
         self.lengths[rows] = torch.where(drafted, updated, current)
@@ -88,8 +103,7 @@ class ModelDrafter:
         self.forwards = 0
 
     def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
-        with routed_through_effdecode(self.model):
-            prefill(self.model, self.cache, input_ids, prompt_lens, self.backend)
+        prefill(self.model, self.cache, input_ids, prompt_lens, self.backend)
         self.forwards += 1
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
@@ -113,28 +127,27 @@ class ModelDrafter:
         drafts = torch.empty(rows.shape[0], max_draft, dtype=torch.long, device=rows.device)
         probs = []
         ones = torch.ones_like(pending)
-        with routed_through_effdecode(self.model):
-            logits = forward_logits(self.model, cache, batch, input_ids, index.clamp(min=0))
-            cache.cache_lens.index_add_(0, rows_long, pending)
+        logits = forward_logits(self.model, cache, batch, input_ids, index.clamp(min=0))
+        cache.cache_lens.index_add_(0, rows_long, pending)
+        self.forwards += 1
+        for i in range(max_draft):
+            token, distribution = choose(logits)
+            drafts[:, i] = token
+            if distribution is not None:
+                probs.append(distribution)
+            if i == max_draft - 1:
+                break
+            batch = SlotBatch(
+                rows,
+                cache.cache_lens,
+                ones,
+                kv_len_bound=kv_bound + i + 1,
+                backend=self.backend,
+                q_full=True,
+            )
+            logits = forward_logits(self.model, cache, batch, token[:, None], (total + i)[:, None])
+            cache.cache_lens.index_add_(0, rows_long, ones)
             self.forwards += 1
-            for i in range(max_draft):
-                token, distribution = choose(logits)
-                drafts[:, i] = token
-                if distribution is not None:
-                    probs.append(distribution)
-                if i == max_draft - 1:
-                    break
-                batch = SlotBatch(
-                    rows,
-                    cache.cache_lens,
-                    ones,
-                    kv_len_bound=kv_bound + i + 1,
-                    backend=self.backend,
-                    q_full=True,
-                )
-                logits = forward_logits(self.model, cache, batch, token[:, None], (total + i)[:, None])
-                cache.cache_lens.index_add_(0, rows_long, ones)
-                self.forwards += 1
         return drafts, draft_lens, torch.stack(probs, dim=1) if probs else None
 
     def rollback(self, rows: torch.Tensor, target_lens: torch.Tensor) -> None:
@@ -204,9 +217,12 @@ def run_speculative(
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    with torch.inference_mode():
-        with routed_through_effdecode(model):
-            logits = prefill(model, cache, input_ids, prompt_lens, backend)
+    draft_model = plan.assistant_model
+    draft_routing = (
+        routed_through_effdecode(draft_model) if draft_model is not None else contextlib.nullcontext()
+    )
+    with routed_through_effdecode(model), draft_routing, torch.inference_mode():
+        logits = prefill(model, cache, input_ids, prompt_lens, backend)
         drafter.prefill(input_ids, prompt_lens)
         stats.target_forwards = 1
         scores = pipeline.process(logits, None, new_tokens)
@@ -267,7 +283,7 @@ def run_speculative(
 
             # Propose: never more drafts than the row may still emit (minus the target's own token).
             remaining = request.max_new_tokens - new_tokens[rows_long] - 1
-            wanted = torch.minimum(schedule.lengths[rows_long], remaining.to(torch.int32)).clamp(min=0)
+            wanted = torch.minimum(schedule.wanted(rows_long), remaining.to(torch.int32)).clamp(min=0)
             max_draft = int(wanted.max())
             drafts, draft_lens, draft_probs = (
                 drafter.propose(rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft)
@@ -277,48 +293,51 @@ def run_speculative(
             stats.draft_forwards = drafter.forwards
             step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
 
-            # Verify every row in one target forward: [last token, drafts...], right-aligned.
-            q_lens = (1 + draft_lens).to(torch.int32)
-            verify_ids, position_ids = _verify_inputs(
-                history, history_lens, rows_long, drafts, draft_lens, step_cols, cache.positions
-            )
-            batch = SlotBatch(
-                rows,
-                cache.cache_lens,
-                q_lens,
-                kv_len_bound=kv_bound + step_cols,
-                backend=backend,
-                q_full=step_cols == 1,
-            )
-            with routed_through_effdecode(model):
+            if step_cols == 1:
+                # No row drafts this step: a plain decode step (the lean path, no verify machinery).
+                emitted, num_emitted, finished = _plain_step(
+                    model,
+                    cache,
+                    pipeline,
+                    rows,
+                    rows_long,
+                    history,
+                    history_lens,
+                    new_tokens,
+                    kv_bound,
+                    batch_size,
+                    backend,
+                )
+            else:
+                # Verify every row in one target forward: [last token, drafts...], right-aligned.
+                q_lens = (1 + draft_lens).to(torch.int32)
+                verify_ids, position_ids = _verify_inputs(
+                    history, history_lens, rows_long, drafts, draft_lens, step_cols, cache.positions
+                )
+                batch = SlotBatch(
+                    rows, cache.cache_lens, q_lens, kv_len_bound=kv_bound + step_cols, backend=backend
+                )
                 logits = forward_logits(model, cache, batch, verify_ids, position_ids, last_only=False)
+                scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
+                not_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
+                if sampling:
+                    aligned = (
+                        None
+                        if draft_probs is None
+                        else _align_draft_probs(draft_probs, draft_lens, step_cols)
+                    )
+                    num_emitted, emitted, finished = verify_sampling(
+                        scores.softmax(dim=-1), aligned, verify_ids, q_lens, not_finished, eos_ids,
+                        seeds[rows_long], offsets[rows_long], backend=backend,
+                    )  # fmt: skip
+                    offsets[rows_long] += philox_offset_increment(step_cols, scores.shape[-1])
+                else:
+                    num_emitted, emitted, finished = verify_greedy(
+                        scores, verify_ids, q_lens, not_finished, eos_ids, backend=backend
+                    )
             stats.target_forwards += 1
             row_forwards[rows_long] += 1
             kv_bound += step_cols
-            scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
-            active_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
-            if sampling:
-                aligned = (
-                    _align_draft_probs(draft_probs, draft_lens, step_cols)
-                    if draft_probs is not None
-                    else None
-                )
-                num_emitted, emitted, finished = verify_sampling(
-                    scores.softmax(dim=-1),
-                    aligned,
-                    verify_ids,
-                    q_lens,
-                    active_finished,
-                    eos_ids,
-                    seeds[rows_long],
-                    offsets[rows_long],
-                    backend=backend,
-                )
-                offsets[rows_long] += philox_offset_increment(step_cols, scores.shape[-1])
-            else:
-                num_emitted, emitted, finished = verify_greedy(
-                    scores, verify_ids, q_lens, active_finished, eos_ids, backend=backend
-                )
             remaining = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)
             num_emitted = torch.minimum(num_emitted, remaining)
             if max_draft > 0:
@@ -408,3 +427,19 @@ def _cut_at_criteria(
         finished |= hit
         pending &= ~hit
     return num_emitted, finished
+
+
+def _plain_step(
+    model, cache, pipeline, rows, rows_long, history, history_lens, new_tokens, kv_bound, batch_size, backend
+):
+    """One token per row from a T = 1 forward: ``(emitted [B, 1], num_emitted [B], finished [B])``."""
+    last_token = history[rows_long, history_lens[rows_long].long() - 1]
+    ones = torch.ones(rows.shape[0], dtype=torch.int32, device=rows.device)
+    batch = SlotBatch(
+        rows, cache.cache_lens, ones, kv_len_bound=kv_bound + 1, backend=backend, q_full=True,
+        rows_are_leading_slots=rows.shape[0] == batch_size,  # rows only ever leave: then arange(B)
+    )  # fmt: skip
+    logits = forward_logits(model, cache, batch, last_token[:, None], cache.positions[rows_long][:, None])
+    scores = pipeline.process(logits, None, new_tokens[rows_long])
+    token = pipeline.choose(scores, rows_long)
+    return token[:, None], ones, torch.isin(token, pipeline.eos_ids)
