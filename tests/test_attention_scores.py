@@ -88,7 +88,7 @@ def test_reference_scores_match_naive_loop(fresh_seed, group, num_cols, window):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-6)
 
 
-def _run_case(
+def _check_case(
     *,
     dtype: torch.dtype,
     kv_heads: int,
@@ -227,7 +227,7 @@ def test_triton_scores_match_reference(
     window,
     num_splits,
 ):
-    _run_case(
+    _check_case(
         dtype=dtype,
         kv_heads=kv_heads,
         group=group,
@@ -244,7 +244,7 @@ def test_triton_scores_match_reference(
 @pytest.mark.parametrize("from_logits", [None, True, False])
 def test_full_cache_and_strided_scores(fresh_seed, from_logits):
     """A row filling the cache to its last entry; ``scores_out`` a transposed view; default path choice."""
-    _run_case(
+    _check_case(
         dtype=torch.float16,
         kv_heads=2,
         group=2,

@@ -15,7 +15,7 @@ TOLERANCES = {
 }
 
 
-def _run_case(
+def _check_case(
     *,
     dtype: torch.dtype,
     kv_heads: int,
@@ -140,7 +140,7 @@ def _run_case(
 def test_matches_reference(
     fresh_seed, dtype, kv_heads, group, num_cols, head_dim, cache_lens, q_lens, window
 ):
-    _run_case(
+    _check_case(
         dtype=dtype,
         kv_heads=kv_heads,
         group=group,
@@ -163,7 +163,7 @@ def test_matches_reference(
     ],
 )
 def test_split_k(fresh_seed, dtype, group, num_cols, cache_lens, q_lens, window, num_splits):
-    _run_case(
+    _check_case(
         dtype=dtype,
         kv_heads=1,
         group=group,
@@ -181,7 +181,7 @@ def test_long_context_default_splits(fresh_seed, window):
     """Batch 1 at a longer context: the default plan splits the key range by itself."""
     cache_len, bound_slack = 700, 3
     assert _num_splits(torch.device("cpu"), 1, cache_len + 1 + bound_slack, 64, None)[0] > 1
-    _run_case(
+    _check_case(
         dtype=torch.float16,
         kv_heads=1,
         group=4,
@@ -199,7 +199,7 @@ def test_long_context_default_splits(fresh_seed, window):
 )
 def test_cache_dtype_differs(fresh_seed, dtype, cache_dtype):
     """New entries are rounded through the cache dtype before being attended, as the reference does."""
-    _run_case(
+    _check_case(
         dtype=dtype,
         cache_dtype=cache_dtype,
         kv_heads=2,
