@@ -397,12 +397,17 @@ def _accepted_drafts(emitted, num_emitted, drafts, draft_lens) -> torch.Tensor:
 
 
 def _append(sequences, history, rows, sequence_cols, history_lens, emitted, num_emitted) -> None:
-    """Write each row's ``num_emitted`` tokens after its current end in both buffers."""
+    """Write each row's ``num_emitted`` tokens after its current end in both buffers, without a host sync.
+
+    All ``T`` columns are written (the buffers have room past every row's end); columns past ``num_emitted``
+    keep what they held.
+    """
     offsets = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
-    b_idx, j_idx = (offsets < num_emitted[:, None]).nonzero(as_tuple=True)
-    tokens = emitted[b_idx, j_idx]
-    sequences[rows[b_idx], sequence_cols[b_idx] + j_idx] = tokens
-    history[rows[b_idx], history_lens[rows[b_idx]].long() + j_idx] = tokens
+    keep_new = offsets < num_emitted[:, None]
+    for buffer, start in ((sequences, sequence_cols), (history, history_lens[rows].long())):
+        columns = start[:, None] + offsets
+        current = buffer[rows[:, None], columns]
+        buffer[rows[:, None], columns] = torch.where(keep_new, emitted, current)
 
 
 def _cut_at_criteria(
