@@ -32,31 +32,43 @@ class DraftSchedule:
     """Per-row draft lengths following the plan's schedule (see :class:`SpeculationPlan`).
 
     Whatever the schedule, a row whose recent steps gained fewer than ``PAUSE_BELOW`` accepted drafts on
-    average stops drafting (speculation costs a wider verify forward and the drafting itself), and probes
-    again every ``PROBE_EVERY`` steps so it resumes when its text turns predictable.
+    average stops drafting (speculation costs the drafting and a wider verify forward), and probes again
+    after ``FIRST_PROBE`` steps, doubling the wait after every probe that fails (up to ``LAST_PROBE``), so
+    it resumes when its text turns predictable and costs little while it does not.
     """
 
     PAUSE_BELOW = 0.5
-    PROBE_EVERY = 8
+    FIRST_PROBE = 8
+    LAST_PROBE = 128
 
     def __init__(self, plan: SpeculationPlan, batch_size: int, device: torch.device) -> None:
         self.plan = plan
         self.lengths = torch.full((batch_size,), plan.num_draft, dtype=torch.int32, device=device)
-        self.mean_accepted = torch.full((batch_size,), float(plan.num_draft), device=device)  # optimistic
-        self.steps = 0
+        self.mean_accepted = torch.ones(batch_size, device=device)  # one failed step pauses a fresh row
+        self.probe_wait = torch.full((batch_size,), self.FIRST_PROBE, dtype=torch.int32, device=device)
+        self.idle_steps = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
     def wanted(self, rows: torch.Tensor) -> torch.Tensor:
-        """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows."""
-        self.steps += 1
-        lengths = self.lengths[rows]
-        if self.steps % self.PROBE_EVERY:
-            lengths = torch.where(self.mean_accepted[rows] < self.PAUSE_BELOW, 0, lengths)
-        return lengths
+        """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows not due to probe."""
+        paused = self.mean_accepted[rows] < self.PAUSE_BELOW
+        idle = torch.where(paused, self.idle_steps[rows] + 1, 0)
+        probing = paused & (idle >= self.probe_wait[rows])
+        self.idle_steps[rows] = torch.where(probing, 0, idle)
+        return torch.where(paused & ~probing, 0, self.lengths[rows])
 
     def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """Adjust the lengths of ``rows`` (int64 ``[B]``) after a step's ``proposed``/``accepted`` counts."""
         drafted = proposed > 0  # rows without a proposal (paused, no n-gram match) learn nothing this step
+        was_paused = self.mean_accepted[rows] < self.PAUSE_BELOW
         mean = torch.where(drafted, 0.7 * self.mean_accepted[rows] + 0.3 * accepted, self.mean_accepted[rows])
+        if drafted.any():
+            # A probe that pays resumes drafting at once; one that fails waits twice as long next time.
+            resumed = was_paused & drafted & (accepted > 0)
+            mean = torch.where(resumed, torch.clamp(accepted.float(), min=self.PAUSE_BELOW), mean)
+            failed_probe = was_paused & drafted & (accepted == 0)
+            wait = self.probe_wait[rows]
+            wait = torch.where(failed_probe, (wait * 2).clamp(max=self.LAST_PROBE), wait)
+            self.probe_wait[rows] = torch.where(resumed, self.FIRST_PROBE, wait)
         self.mean_accepted[rows] = mean
         if self.plan.schedule == "constant":
             return
@@ -87,8 +99,8 @@ class NgramDrafter:
         )
         return drafts, torch.minimum(found, draft_lens), None
 
-    def rollback(self, rows: torch.Tensor, target_lens: torch.Tensor) -> None:
-        pass
+    def rollback(self, rows: torch.Tensor, target_cache: SlotKVCache) -> None:
+        pass  # nothing cached
 
 
 class ModelDrafter:
@@ -150,9 +162,11 @@ class ModelDrafter:
             self.forwards += 1
         return drafts, draft_lens, torch.stack(probs, dim=1) if probs else None
 
-    def rollback(self, rows: torch.Tensor, target_lens: torch.Tensor) -> None:
+    def rollback(self, rows: torch.Tensor, target_cache: SlotKVCache) -> None:
         """Keep only the entries the target accepted: the draft holds the same tokens up to there."""
-        self.cache.cache_lens[rows] = torch.minimum(self.cache.cache_lens[rows], target_lens)
+        self.cache.cache_lens[rows] = torch.minimum(
+            self.cache.cache_lens[rows], target_cache.cache_lens[rows]
+        )
 
 
 def _right_aligned_windows(
@@ -267,7 +281,7 @@ def run_speculative(
             if stats.target_forwards > 1:
                 cache.cache_lens.index_add_(0, rows_long, num_emitted)
                 cache.positions.index_add_(0, rows_long, num_emitted.long())
-            drafter.rollback(rows_long, cache.cache_lens[rows_long])
+            drafter.rollback(rows_long, cache)
             max_new_bound += step_cols
             if streamer is not None:
                 streamer.put(emitted[0, : int(num_emitted[0])].cpu())
@@ -282,8 +296,8 @@ def run_speculative(
                 rows, rows_long = rows.index_select(0, keep), rows_long.index_select(0, keep)
 
             # Propose: never more drafts than the row may still emit (minus the target's own token).
-            remaining = request.max_new_tokens - new_tokens[rows_long] - 1
-            wanted = torch.minimum(schedule.wanted(rows_long), remaining.to(torch.int32)).clamp(min=0)
+            budget = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)  # >= 1 for active rows
+            wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
             max_draft = int(wanted.max())
             drafts, draft_lens, draft_probs = (
                 drafter.propose(rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft)
@@ -338,9 +352,8 @@ def run_speculative(
             stats.target_forwards += 1
             row_forwards[rows_long] += 1
             kv_bound += step_cols
-            remaining = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)
-            num_emitted = torch.minimum(num_emitted, remaining)
             if max_draft > 0:
+                num_emitted = torch.minimum(num_emitted, budget)
                 accepted = _accepted_drafts(emitted, num_emitted, drafts, draft_lens)
                 proposed_total[rows_long] += draft_lens.long()
                 accepted_total[rows_long] += accepted
@@ -402,6 +415,10 @@ def _append(sequences, history, rows, sequence_cols, history_lens, emitted, num_
     All ``T`` columns are written (the buffers have room past every row's end); columns past ``num_emitted``
     keep what they held.
     """
+    if emitted.shape[1] == 1:  # one token per row (plain steps): every row emits exactly it
+        sequences[rows, sequence_cols] = emitted[:, 0]
+        history[rows, history_lens[rows].long()] = emitted[:, 0]
+        return
     offsets = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
     keep_new = offsets < num_emitted[:, None]
     for buffer, start in ((sequences, sequence_cols), (history, history_lens[rows].long())):
