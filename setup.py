@@ -35,11 +35,13 @@ SKIP_ENV = "EFFDECODE_SKIP_CUDA_BUILD"
 CSRC = "csrc"
 # SASS for Ampere (sm_80) and Hopper (sm_90a), plus compute_80 PTX that the driver JIT-compiles on newer
 # GPUs (Blackwell, ...) instead of failing there with "no kernel image".
+# fmt: off
 GENCODE = [
     "-gencode", "arch=compute_80,code=sm_80",
     "-gencode", "arch=compute_90a,code=sm_90a",
     "-gencode", "arch=compute_80,code=compute_80",
-]  # fmt: skip
+]
+# fmt: on
 NVCC_FLAGS = [
     "-std=c++17",
     "-O3",
