@@ -46,8 +46,10 @@ NVCC_FLAGS = [
     "-std=c++17",
     "-O3",
     "-lineinfo",  # source lines for profilers; no runtime cost
-    "-Xcompiler", "-fPIC",
-    "-Xcompiler", "-fvisibility=hidden",
+    "-Xcompiler",
+    "-fPIC",
+    "-Xcompiler",
+    "-fvisibility=hidden",
     "-I" + CSRC,
 ]
 # Sources safe to build with --use_fast_math. Not verify.cu: its argmax must match torch.argmax bit for bit,
@@ -77,7 +79,9 @@ def cudart_static_dir(nvcc: str) -> str:
     """
     dryrun = subprocess.run(
         [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     candidates = []
     for line in (dryrun.stdout + dryrun.stderr).splitlines():
@@ -119,7 +123,8 @@ class BuildExtWithNvcc(build_ext):
         headers = [d for d in depends if not d.endswith(".cu")]
         objects = [str(out_dir / (Path(src).stem + ".o")) for src in sources]
         jobs = [
-            (src, obj) for src, obj in zip(sources, objects, strict=True)
+            (src, obj)
+            for src, obj in zip(sources, objects, strict=True)
             if self.force or _is_stale(Path(obj), [src, *headers])
         ]
         if not jobs:
@@ -153,9 +158,11 @@ def _warn_stale_inplace_build() -> None:
     """An in-place ``_C`` left by an earlier editable build would still be imported; say so."""
     stale = Path(__file__).resolve().parent / "effdecode" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     if stale.exists():
-        print(f"effdecode: CUDA build skipped, but {stale} from an earlier build remains and will still be "
-              "imported by editable installs and source-tree runs; delete it to drop the CUDA backend.",
-              file=sys.stderr)
+        print(
+            f"effdecode: CUDA build skipped, but {stale} from an earlier build remains and will still be "
+            "imported by editable installs and source-tree runs; delete it to drop the CUDA backend.",
+            file=sys.stderr,
+        )
 
 
 def _cuda_extensions() -> list:
