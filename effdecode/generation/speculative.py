@@ -46,15 +46,23 @@ class DraftSchedule:
         self.lengths = torch.full((batch_size,), plan.num_draft, dtype=torch.int32, device=device)
         self.mean_accepted = torch.ones(batch_size, device=device)  # one failed step pauses a fresh row
         self.probe_wait = torch.full((batch_size,), self.FIRST_PROBE, dtype=torch.int32, device=device)
-        self.idle_steps = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.steps = 0
 
     def wanted(self, rows: torch.Tensor) -> torch.Tensor:
-        """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows not due to probe."""
+        """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows not due to probe.
+
+        Probes fall on steps that are multiples of a row's wait, so rows with the same wait probe in the same
+        step: any drafting row widens the verify forward for the whole batch.
+        """
+        self.steps += 1
         paused = self.mean_accepted[rows] < self.PAUSE_BELOW
-        idle = torch.where(paused, self.idle_steps[rows] + 1, 0)
-        probing = paused & (idle >= self.probe_wait[rows])
-        self.idle_steps[rows] = torch.where(probing, 0, idle)
+        probing = paused & (self.steps % self.probe_wait[rows] == 0)
         return torch.where(paused & ~probing, 0, self.lengths[rows])
+
+    def next_probe(self, rows: torch.Tensor) -> int:
+        """The first step after this one at which a row of ``rows`` (all paused now) probes (one sync)."""
+        wait = self.probe_wait[rows]
+        return int(((self.steps // wait + 1) * wait).min())
 
     def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """Adjust the lengths of ``rows`` (int64 ``[B]``) after a step's ``proposed``/``accepted`` counts."""
@@ -206,7 +214,7 @@ def run_speculative(
     history_lens = prompt_lens.clone()
     new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
     schedule = DraftSchedule(plan, batch_size, device)
-    row_forwards = torch.ones(batch_size, dtype=torch.long, device=device)  # the prefill
+    row_forwards = torch.zeros(batch_size, dtype=torch.long, device=device)  # set when a row leaves
     proposed_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     accepted_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     if plan.assistant_model is not None:
@@ -248,6 +256,7 @@ def run_speculative(
         kv_bound = max_prompt
         step_cols = 1
         max_new_bound = 0  # host-side upper bound of max(new_tokens)
+        quiet_until = 0  # no row drafts before this schedule step
 
         while True:
             rows_long = rows.long()
@@ -282,6 +291,11 @@ def run_speculative(
                 cache.cache_lens.index_add_(0, rows_long, num_emitted)
                 cache.positions.index_add_(0, rows_long, num_emitted.long())
             drafter.rollback(rows_long, cache)
+            last_tokens = (
+                emitted[:, 0]
+                if emitted.shape[1] == 1
+                else emitted.gather(1, (num_emitted.long() - 1).clamp(min=0)[:, None]).squeeze(1)
+            )
             max_new_bound += step_cols
             if streamer is not None:
                 streamer.put(emitted[0, : int(num_emitted[0])].cpu())
@@ -290,19 +304,29 @@ def run_speculative(
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
             finished_host = finished.cpu()  # the step's sync: which rows stay
             if bool(finished_host.all()) or out_of_time:
+                row_forwards[rows_long] = stats.target_forwards
                 break
             if bool(finished_host.any()):
+                row_forwards[rows_long[finished]] = stats.target_forwards
                 keep = (~finished).nonzero().squeeze(1)
                 rows, rows_long = rows.index_select(0, keep), rows_long.index_select(0, keep)
+                last_tokens = last_tokens.index_select(0, keep)
 
-            # Propose: never more drafts than the row may still emit (minus the target's own token).
-            budget = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)  # >= 1 for active rows
-            wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
-            max_draft = int(wanted.max())
+            # Propose: never more drafts than the row may still emit (minus the target's own token). While
+            # every row is paused, the next probe step is known, so the steps before it skip this entirely.
+            if schedule.steps + 1 < quiet_until:
+                schedule.steps += 1
+                max_draft, wanted = 0, None
+            else:
+                budget = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)  # >= 1 when active
+                wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
+                max_draft = int(wanted.max())
+                if max_draft == 0:
+                    quiet_until = schedule.next_probe(rows_long)
             drafts, draft_lens, draft_probs = (
                 drafter.propose(rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft)
                 if max_draft > 0
-                else (None, torch.zeros_like(wanted), None)
+                else (None, None, None)
             )
             stats.draft_forwards = drafter.forwards
             step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
@@ -315,8 +339,7 @@ def run_speculative(
                     pipeline,
                     rows,
                     rows_long,
-                    history,
-                    history_lens,
+                    last_tokens,
                     new_tokens,
                     kv_bound,
                     batch_size,
@@ -326,7 +349,7 @@ def run_speculative(
                 # Verify every row in one target forward: [last token, drafts...], right-aligned.
                 q_lens = (1 + draft_lens).to(torch.int32)
                 verify_ids, position_ids = _verify_inputs(
-                    history, history_lens, rows_long, drafts, draft_lens, step_cols, cache.positions
+                    last_tokens, rows_long, drafts, draft_lens, step_cols, cache.positions
                 )
                 batch = SlotBatch(
                     rows, cache.cache_lens, q_lens, kv_len_bound=kv_bound + step_cols, backend=backend
@@ -350,7 +373,6 @@ def run_speculative(
                         scores, verify_ids, q_lens, not_finished, eos_ids, backend=backend
                     )
             stats.target_forwards += 1
-            row_forwards[rows_long] += 1
             kv_bound += step_cols
             if max_draft > 0:
                 num_emitted = torch.minimum(num_emitted, budget)
@@ -375,12 +397,11 @@ def run_speculative(
     return EffdecodeGenerateOutput(sequences=sequences, stats=stats)
 
 
-def _verify_inputs(history, history_lens, rows, drafts, draft_lens, num_cols, positions):
+def _verify_inputs(last_token, rows, drafts, draft_lens, num_cols, positions):
     """Verify-forward tokens and positions ``[B, num_cols]``: last token then drafts, right-aligned."""
     columns = torch.arange(num_cols, device=rows.device)
     start = num_cols - 1 - draft_lens.long()  # column of the last accepted token
     offset = columns[None, :] - start[:, None]  # 0 = last token, i = draft i
-    last_token = history[rows, history_lens[rows].long() - 1]
     tokens = last_token[:, None].expand(-1, num_cols)
     if drafts is not None:
         draft_index = (offset - 1).clamp(0, drafts.shape[1] - 1)
@@ -452,10 +473,9 @@ def _cut_at_criteria(
 
 
 def _plain_step(
-    model, cache, pipeline, rows, rows_long, history, history_lens, new_tokens, kv_bound, batch_size, backend
+    model, cache, pipeline, rows, rows_long, last_token, new_tokens, kv_bound, batch_size, backend
 ):
     """One token per row from a T = 1 forward: ``(emitted [B, 1], num_emitted [B], finished [B])``."""
-    last_token = history[rows_long, history_lens[rows_long].long() - 1]
     ones = torch.ones(rows.shape[0], dtype=torch.int32, device=rows.device)
     batch = SlotBatch(
         rows, cache.cache_lens, ones, kv_len_bound=kv_bound + 1, backend=backend, q_full=True,
