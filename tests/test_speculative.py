@@ -227,3 +227,26 @@ def test_speculative_sampling_keeps_the_target_distribution(drafter):
         stderr = (exact * (1 - exact) / rows).sqrt()
         assert ((observed - exact).abs() <= 5 * stderr + 2e-3).all(), (position, observed, exact)
         assert 0.5 * (observed - exact).abs().sum() < 0.05
+
+
+def test_draft_cache_catches_up_after_a_row_paused_drafting(monkeypatch):
+    """Rows that pause fall behind in the draft's cache; on the next probe the draft must catch up fully,
+    so a perfect draft is still accepted in full on every probe."""
+    from effdecode.generation.speculative import DraftSchedule
+
+    monkeypatch.setattr(DraftSchedule, "PAUSE_BELOW", 100.0)  # every row always paused: only probes draft
+    model = tiny_model("qwen2", torch.float64, seed=14)
+    input_ids, mask = ragged_prompts(3, 6, seed=14)
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=40)
+    out = effdecode.generate(
+        model,
+        input_ids,
+        attention_mask=mask,
+        max_new_tokens=40,
+        assistant_model=copy.deepcopy(model),
+        num_assistant_tokens=3,
+        return_dict_in_generate=True,
+    )
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert sum(out.stats.proposed_draft_tokens) >= 3 * 3  # probes happened (steps 8, 16, 32)
+    assert out.stats.accepted_draft_tokens == out.stats.proposed_draft_tokens

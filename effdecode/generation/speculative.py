@@ -129,8 +129,8 @@ class ModelDrafter:
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
         """Draft ``max_draft`` tokens for every row in ``rows``; row ``b`` offers the first ``draft_lens[b]``.
 
-        The first forward feeds the tokens the draft cache lacks (one, or two after a step whose drafts
-        were all accepted: the last draft and the bonus token), right-aligned; then one token per forward.
+        The first forward feeds the tokens the draft cache lacks (one; two after a step whose drafts were
+        all accepted; more after the row paused drafting), right-aligned; then one token per forward.
         Returns drafts int64 ``[B, max_draft]``, their lengths, and the draft's distributions
         ``[B, max_draft, V]`` when sampling (None for greedy).
         """
@@ -138,10 +138,13 @@ class ModelDrafter:
         cache = self.cache
         known = cache.cache_lens[rows_long]
         total = history_lens[rows_long]
-        pending = (total - known).to(torch.int32)  # 1 or 2
-        columns = torch.arange(2, device=rows.device)
-        index = total[:, None] - 2 + columns[None, :]  # history index == RoPE position (no eviction here)
-        valid = columns[None, :] >= (2 - pending)[:, None]
+        # Tokens the draft cache lacks: 1, 2 after a step whose drafts were all accepted, more after the row
+        # paused drafting. One right-aligned forward catches up.
+        pending = (total - known).to(torch.int32)
+        width = int(pending.max())
+        columns = torch.arange(width, device=rows.device)
+        index = total[:, None] - width + columns[None, :]  # history index == RoPE position (no eviction here)
+        valid = columns[None, :] >= (width - pending)[:, None]
         input_ids = history[rows_long[:, None], index.clamp(min=0)].masked_fill(~valid, 0)
         batch = SlotBatch(rows, cache.cache_lens, pending, kv_len_bound=kv_bound, backend=self.backend)
         drafts = torch.empty(rows.shape[0], max_draft, dtype=torch.long, device=rows.device)
