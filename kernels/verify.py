@@ -153,6 +153,19 @@ def _verify_greedy_kernel(
     tl.store(finished_out_ptr + b, was_finished | hit_eos)
 
 
+def _empty_outputs(
+    batch: int, num_cols: int, vocab: int, device: torch.device, op: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised ``num_emitted`` [B] int32, ``emitted`` [B, T] int64 and ``finished_out`` [B] bool."""
+    if batch and vocab == 0:
+        raise ValueError(f"{op}: empty vocabulary")
+    return (
+        torch.empty(batch, dtype=torch.int32, device=device),
+        torch.empty(batch, num_cols, dtype=torch.int64, device=device),
+        torch.empty(batch, dtype=torch.bool, device=device),
+    )
+
+
 def verify_greedy_triton(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -185,13 +198,9 @@ def verify_greedy_triton(
     """
     batch, num_cols, vocab = logits.shape
     device = logits.device
-    num_emitted = torch.empty(batch, dtype=torch.int32, device=device)
-    emitted = torch.empty(batch, num_cols, dtype=torch.int64, device=device)
-    finished_out = torch.empty(batch, dtype=torch.bool, device=device)
+    num_emitted, emitted, finished_out = _empty_outputs(batch, num_cols, vocab, device, "verify_greedy")
     if batch == 0:
         return num_emitted, emitted, finished_out
-    if vocab == 0:
-        raise ValueError("verify_greedy: empty vocabulary")
     block_v = _block_v(vocab)
     _verify_greedy_kernel[(batch,)](
         logits, input_ids, q_lens, finished, eos_token_ids, num_emitted, emitted, finished_out,
@@ -492,13 +501,9 @@ def verify_sampling_triton(
     """
     batch, num_cols, vocab = target_probs.shape
     device = target_probs.device
-    num_emitted = torch.empty(batch, dtype=torch.int32, device=device)
-    emitted = torch.empty(batch, num_cols, dtype=torch.int64, device=device)
-    finished_out = torch.empty(batch, dtype=torch.bool, device=device)
+    num_emitted, emitted, finished_out = _empty_outputs(batch, num_cols, vocab, device, "verify_sampling")
     if batch == 0:
         return num_emitted, emitted, finished_out
-    if vocab == 0:
-        raise ValueError("verify_sampling: empty vocabulary")
     has_u, has_e = uniforms is not None, exponentials is not None
     if not (has_u and has_e) and (seeds is None or offsets is None):
         raise ValueError("verify_sampling: seeds and offsets are needed without uniforms and exponentials")
