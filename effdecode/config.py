@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from effdecode.ops.backend import BACKENDS
+
+KV_POLICIES = ("streaming", "h2o", "snapkv", "rkv")
+EARLY_EXIT_MODES = ("deer",)
+CONFIDENCE_MODES = ("mean", "geometric")
+
+# A think string is given as text (tokenized with generate's ``tokenizer``) or as token ids.
+ThinkMarker = str | Sequence[int] | None
 
 
 @dataclass
@@ -23,13 +31,121 @@ class DecodeConfig:
     draft_length : str, optional
         ``"adaptive"``: in speculative decoding each row's draft length follows its own acceptance history
         (overrides ``num_assistant_tokens_schedule``). None follows the generate arguments.
+    kv_budget : int, optional
+        KV entries a row keeps per layer after a compaction; None keeps everything. A row holds at most
+        ``kv_budget + compress_every`` entries (the cache is allocated for that; only a prompt longer than
+        that is held whole until the first compaction right after prefill).
+    kv_policy : str
+        Which entries a compaction keeps besides the protected ones: ``"streaming"`` (attention sinks and the
+        most recent entries), ``"h2o"`` (attention mass accumulated over every step), ``"snapkv"`` (attention
+        of the last ``kv_window`` queries, max-pooled along the keys, per head) or ``"rkv"`` (that importance
+        combined with key redundancy: keys with a near-duplicate newer key go first).
+    kv_window : int
+        Most recent entries a compaction always keeps (and the observation window of snapkv / rkv).
+    kv_sinks : int
+        First entries of a row always kept (attention sinks).
+    compress_every : int
+        A row is compacted back to ``kv_budget`` once it holds ``kv_budget + compress_every`` entries.
+    kv_protect_prompt : bool
+        Never evict prompt entries (they count toward the budget, which must then exceed the prompt).
+    kv_think_only : bool
+        Evict only entries inside the thinking span (``think_start``..``think_end``); other generated
+        entries are evicted only when the thinking span alone cannot make room.
+    thinking_budget : int, optional
+        Thinking tokens a row may generate; then effdecode forces ``think_end_prefix`` + ``think_end`` and
+        the row goes on to its answer.
+    think_start, think_end : str or list[int], optional
+        Markers of the thinking span, as text (tokenized with the ``tokenizer`` given to generate) or token
+        ids. A row thinks from its open ``think_start`` (in the prompt or generated), or from its first new
+        token when ``think_start`` is None. ``think_end`` is required by ``thinking_budget`` and
+        ``early_exit``.
+    think_end_prefix : str or list[int], optional
+        Forced before ``think_end`` when the thinking budget runs out.
+    early_exit : str, optional
+        ``"deer"``: at thought boundaries probe a trial answer and end thinking when it is confident.
+    early_exit_triggers : list of (str or list[int])
+        Thought boundaries: after a row generates one of these, it probes.
+    early_exit_probe : str or list[int]
+        Appended for the trial answer; must contain ``think_end`` (it becomes the row's own text when the
+        probe is confident).
+    early_exit_answer_tokens : int
+        Answer tokens decoded greedily per probe.
+    early_exit_threshold : float
+        Confidence at or above which thinking ends.
+    early_exit_confidence : str
+        ``"mean"`` of the answer tokens' max probabilities, or their ``"geometric"`` mean.
     """
 
     attn_backend: str = "auto"
     draft_length: str | None = None
+    kv_budget: int | None = None
+    kv_policy: str = "streaming"
+    kv_window: int = 32
+    kv_sinks: int = 4
+    compress_every: int = 64
+    kv_protect_prompt: bool = True
+    kv_think_only: bool = False
+    thinking_budget: int | None = None
+    think_start: ThinkMarker = "<think>"
+    think_end: ThinkMarker = "</think>"
+    think_end_prefix: ThinkMarker = None
+    early_exit: str | None = None
+    early_exit_triggers: list = field(default_factory=lambda: ["Wait", "\n\n"])
+    early_exit_probe: ThinkMarker = "\n</think>\n\nThe final answer is "
+    early_exit_answer_tokens: int = 4
+    early_exit_threshold: float = 0.95
+    early_exit_confidence: str = "mean"
 
     def __post_init__(self) -> None:
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"DecodeConfig.attn_backend={self.attn_backend!r}; expected one of {BACKENDS}")
         if self.draft_length not in (None, "adaptive"):
             raise ValueError(f"DecodeConfig.draft_length={self.draft_length!r}; expected None or 'adaptive'")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"DecodeConfig.kv_policy={self.kv_policy!r}; expected one of {KV_POLICIES}")
+        for name in ("kv_window", "kv_sinks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"DecodeConfig.{name}={getattr(self, name)!r}; expected an int >= 0")
+        if not isinstance(self.compress_every, int) or self.compress_every < 1:
+            raise ValueError(f"DecodeConfig.compress_every={self.compress_every!r}; expected an int >= 1")
+        if self.kv_budget is not None:
+            if not isinstance(self.kv_budget, int) or self.kv_budget < 1:
+                raise ValueError(f"DecodeConfig.kv_budget={self.kv_budget!r}; expected None or an int >= 1")
+            if self.kv_budget < self.kv_sinks + self.kv_window:
+                raise ValueError(
+                    f"DecodeConfig.kv_budget={self.kv_budget} is smaller than kv_sinks + kv_window = "
+                    f"{self.kv_sinks} + {self.kv_window}: the always-kept entries would not fit"
+                )
+        if self.thinking_budget is not None and (
+            not isinstance(self.thinking_budget, int) or self.thinking_budget < 0
+        ):
+            raise ValueError(
+                f"DecodeConfig.thinking_budget={self.thinking_budget!r}; expected None or an int >= 0"
+            )
+        if self.early_exit not in (None, *EARLY_EXIT_MODES):
+            raise ValueError(
+                f"DecodeConfig.early_exit={self.early_exit!r}; expected None or one of {EARLY_EXIT_MODES}"
+            )
+        if self.early_exit_confidence not in CONFIDENCE_MODES:
+            raise ValueError(
+                f"DecodeConfig.early_exit_confidence={self.early_exit_confidence!r}; "
+                f"expected one of {CONFIDENCE_MODES}"
+            )
+        if not 0.0 <= self.early_exit_threshold <= 1.0:
+            raise ValueError(
+                f"DecodeConfig.early_exit_threshold={self.early_exit_threshold!r}; expected a value in [0, 1]"
+            )
+        if not isinstance(self.early_exit_answer_tokens, int) or self.early_exit_answer_tokens < 1:
+            raise ValueError(
+                f"DecodeConfig.early_exit_answer_tokens={self.early_exit_answer_tokens!r}; "
+                "expected an int >= 1"
+            )
+        if (self.thinking_budget is not None or self.early_exit is not None) and self.think_end is None:
+            raise ValueError("DecodeConfig.think_end is required by thinking_budget and early_exit")
+        if self.early_exit is not None and not self.early_exit_triggers:
+            raise ValueError("DecodeConfig.early_exit_triggers is empty: early_exit would never probe")
+
+    @property
+    def compresses(self) -> bool:
+        """Whether KV eviction is on."""
+        return self.kv_budget is not None
