@@ -5,7 +5,8 @@ preconditions).
 
 Design
 ------
-Grid ``(R * kv_heads, layers)``: one program owns one (layer, row, kv head), so every layer is compacted in
+Grid ``(R * kv_heads, layers)``: one program owns one (layer, row, kv head), reading that layer's
+selection (or the shared one through a zero layer stride), so every layer is compacted in
 a single launch, and no two programs touch the same cache entries. A program walks the destinations ``j``
 in ascending chunks of ``BLOCK_J``: it loads the chunk's source indices ``s_j = keep_index[r, h, j]``,
 gathers the K and V rows at ``s_j`` (``head_dim`` contiguous elements each), then stores them at ``j``.
@@ -50,7 +51,7 @@ def _compact_kv_kernel(
     k_ptr, v_ptr, cache_lens_ptr, rows_ptr, keep_index_ptr, keep_lens_ptr, head_dim,
     sk_l, sk_s, sk_h, sk_n, sk_d,
     sv_l, sv_s, sv_h, sv_n, sv_d,
-    si_r, si_h, si_k,
+    si_l, si_r, si_h, si_k,
     KV_HEADS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -62,7 +63,7 @@ def _compact_kv_kernel(
     keep_len = tl.load(keep_lens_ptr + r).to(tl.int32)
     k_base = k_ptr + layer * sk_l + slot * sk_s + h * sk_h
     v_base = v_ptr + layer * sv_l + slot * sv_s + h * sv_h
-    idx_base = keep_index_ptr + r.to(tl.int64) * si_r + h * si_h
+    idx_base = keep_index_ptr + layer * si_l + r.to(tl.int64) * si_r + h * si_h
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
@@ -106,7 +107,8 @@ def compact_kv_triton(
     rows : torch.Tensor
         int32 ``[R]``, distinct slots.
     keep_index : torch.Tensor
-        int32 or int64 ``[R, kv_heads, K]``, strictly increasing in the first ``keep_lens[r]`` entries.
+        int32 or int64 ``[R, kv_heads, K]`` (every layer alike) or ``[layers, R, kv_heads, K]``, strictly
+        increasing in the first ``keep_lens[r]`` entries.
     keep_lens : torch.Tensor
         int32 ``[R]``, ``<= min(K, cache_lens[rows[r]])``.
     """
@@ -121,10 +123,12 @@ def compact_kv_triton(
     block_d = triton.next_power_of_2(head_dim)
     elems = _TILE_ELEMS if key_buffer.element_size() <= 2 else _TILE_ELEMS // 2
     block_j = max(16, min(256, elems // block_d))
+    # A shared selection is read with layer stride 0.
+    index_strides = keep_index.stride() if keep_index.dim() == 4 else (0, *keep_index.stride())
     # fmt: off
     _compact_kv_kernel[(num_rows * kv_heads, layers)](
         key_buffer, value_buffer, cache_lens, rows, keep_index, keep_lens, head_dim,
-        *key_buffer.stride(), *value_buffer.stride(), *keep_index.stride(),
+        *key_buffer.stride(), *value_buffer.stride(), *index_strides,
         KV_HEADS=kv_heads, BLOCK_J=block_j, BLOCK_D=block_d,
         num_warps=4,
     )

@@ -242,3 +242,45 @@ def test_keep_index_from_mask_budget_and_disagreeing_heads():
     assert zero_index.shape == (2, 2, 0) and zero_lens.tolist() == [0, 0]
     with pytest.raises(ValueError, match="keep_mask"):
         keep_index_from_mask(mask.int())
+
+
+def _per_layer_setup(layers, slots, kv_heads, capacity, head_dim, dtype, num_rows):
+    """A cache and a different random selection per layer (same count per row across layers and heads)."""
+    cache = _random_cache(layers, slots, kv_heads, capacity, head_dim, dtype)
+    rows = torch.randperm(slots)[:num_rows].to(torch.int32)
+    lens = cache.cache_lens[rows.long()].tolist()
+    counts = [int(torch.randint(0, n + 1, ())) for n in lens]
+    index = torch.zeros(layers, num_rows, kv_heads, capacity, dtype=torch.int32)
+    for layer in range(layers):
+        for r, (length, count) in enumerate(zip(lens, counts, strict=True)):
+            for h in range(kv_heads):
+                index[layer, r, h, :count] = torch.randperm(length)[:count].sort().values.to(torch.int32)
+    return cache, rows, index, torch.tensor(counts, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_layer_selection(fresh_seed, impl):
+    layers = 3
+    cache, rows, keep_index, keep_lens = _per_layer_setup(layers, 6, 2, 40, 16, torch.float32, num_rows=4)
+    old_k, old_v = cache.key_buffer.clone(), cache.value_buffer.clone()
+    old_lens = cache.cache_lens.clone()
+    IMPLS[impl](cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, keep_index, keep_lens)
+    for layer in range(layers):
+        for r, slot in enumerate(rows.tolist()):
+            count = int(keep_lens[r])
+            for h in range(2):
+                src = keep_index[layer, r, h, :count].long()
+                assert torch.equal(cache.key_buffer[layer, slot, h, :count], old_k[layer, slot, h, src])
+                assert torch.equal(cache.value_buffer[layer, slot, h, :count], old_v[layer, slot, h, src])
+    others = [s for s in range(6) if s not in set(rows.tolist())]
+    assert torch.equal(cache.key_buffer[:, others], old_k[:, others])
+    assert torch.equal(cache.cache_lens[rows.long()], keep_lens)
+    assert torch.equal(cache.cache_lens[others], old_lens[others])
+
+
+def test_per_layer_index_needs_every_layer():
+    cache, rows, keep_index, keep_lens = _per_layer_setup(3, 6, 2, 40, 16, torch.float32, num_rows=4)
+    with pytest.raises(ValueError, match="layers, R, kv_heads, K"):
+        compact_kv_reference(
+            cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, keep_index[:2], keep_lens
+        )

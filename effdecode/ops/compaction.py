@@ -5,21 +5,23 @@ Layout (the slot cache of :class:`effdecode.cache.SlotKVCache`):
 - ``key_buffer``/``value_buffer``: ``[layers, slots, kv_heads, capacity, head_dim]``, every layer at once.
 - ``cache_lens``: int32 ``[slots]``, entries held per slot.
 - ``rows``: int32 ``[R]``, the slots to compact (distinct).
-- ``keep_index``: integer ``[R, kv_heads, K]``: for row ``r`` and kv head ``h``, the cache indices to keep are
-  ``keep_index[r, h, :keep_lens[r]]``; entries past ``keep_lens[r]`` are ignored.
+- ``keep_index``: integer ``[R, kv_heads, K]`` (the same selection in every layer) or ``[layers, R, kv_heads,
+  K]`` (one per layer, as attention-based eviction policies choose): for layer ``l``, row ``r`` and kv head
+  ``h``, the cache indices to keep are ``keep_index[(l,) r, h, :keep_lens[r]]``; entries past ``keep_lens[r]``
+  are ignored.
 - ``keep_lens``: int32 ``[R]``, kept entries per row: one count for every head of a row, because a slot has a
   single ``cache_len``.
 
-Effect, for every layer: entry ``keep_index[r, h, j]`` of slot ``rows[r]``, head ``h`` moves to index ``j``,
-``j < keep_lens[r]``; then ``cache_lens[rows[r]] = keep_lens[r]``. Entries of a compacted row at or past its
-new length are unspecified afterwards (they are never attended); other slots are untouched. RoPE positions
-are *not* renumbered: kept keys were rotated at their original positions, and the slot's next position
-(``SlotKVCache.positions``) keeps counting from where it was, so it is not touched here.
+Effect, for every layer: entry ``keep_index[(l,) r, h, j]`` of slot ``rows[r]``, head ``h`` moves to index
+``j``, ``j < keep_lens[r]``; then ``cache_lens[rows[r]] = keep_lens[r]``. Entries of a compacted row at or
+past its new length are unspecified afterwards (they are never attended); other slots are untouched. RoPE
+positions are *not* renumbered: kept keys were rotated at their original positions, and the slot's next
+position (``SlotKVCache.positions``) keeps counting from where it was, so it is not touched here.
 
 Preconditions (not checked: checking them would read device memory and sync with the host):
 
 - ``rows`` are distinct valid slots; ``0 <= keep_lens[r] <= min(K, cache_lens[rows[r]])``;
-- ``keep_index[r, h, :keep_lens[r]]`` is strictly increasing and below ``cache_lens[rows[r]]``.
+- ``keep_index[(l,) r, h, :keep_lens[r]]`` is strictly increasing and below ``cache_lens[rows[r]]``.
 
 Strict increase gives ``keep_index[r, h, j] >= j``: an entry only ever moves towards the front, which is what
 lets the move run in place (see :mod:`effdecode.kernels.compaction`).
@@ -60,7 +62,7 @@ def check_compaction_args(
             f"value_buffer {tuple(value_buffer.shape)}/{value_buffer.dtype} does not match key_buffer "
             f"{tuple(key_buffer.shape)}/{key_buffer.dtype}"
         )
-    _, slots, kv_heads, capacity, _ = key_buffer.shape
+    layers, slots, kv_heads, capacity, _ = key_buffer.shape
     if tuple(cache_lens.shape) != (slots,):
         raise ValueError(f"cache_lens must be [slots] = [{slots}], got {tuple(cache_lens.shape)}")
     if cache_lens.dtype != torch.int32:
@@ -68,13 +70,15 @@ def check_compaction_args(
     if rows.dim() != 1:
         raise ValueError(f"rows must be [R], got shape {tuple(rows.shape)}")
     num_rows = rows.shape[0]
-    if keep_index.dim() != 3 or keep_index.shape[:2] != (num_rows, kv_heads):
+    shared = keep_index.dim() == 3 and tuple(keep_index.shape[:2]) == (num_rows, kv_heads)
+    per_layer = keep_index.dim() == 4 and tuple(keep_index.shape[:3]) == (layers, num_rows, kv_heads)
+    if not (shared or per_layer):
         raise ValueError(
-            f"keep_index must be [R, kv_heads, K] = [{num_rows}, {kv_heads}, K], "
-            f"got {tuple(keep_index.shape)}"
+            f"keep_index must be [R, kv_heads, K] = [{num_rows}, {kv_heads}, K] or "
+            f"[layers, R, kv_heads, K] = [{layers}, {num_rows}, {kv_heads}, K], got {tuple(keep_index.shape)}"
         )
-    if keep_index.shape[2] > capacity:
-        raise ValueError(f"keep_index keeps up to {keep_index.shape[2]} entries, capacity is {capacity}")
+    if keep_index.shape[-1] > capacity:
+        raise ValueError(f"keep_index keeps up to {keep_index.shape[-1]} entries, capacity is {capacity}")
     if tuple(keep_lens.shape) != (num_rows,):
         raise ValueError(f"keep_lens must be [R] = [{num_rows}], got {tuple(keep_lens.shape)}")
     for name, t in (("rows", rows), ("keep_index", keep_index), ("keep_lens", keep_lens)):
@@ -113,25 +117,27 @@ def compact_kv_reference(
     rows : torch.Tensor
         int32 ``[R]``, distinct slots to compact.
     keep_index : torch.Tensor
-        Integer ``[R, kv_heads, K]``, ``K <= capacity``: strictly increasing kept indices per (row, head) in
-        the first ``keep_lens[r]`` entries.
+        Integer ``[R, kv_heads, K]`` or ``[layers, R, kv_heads, K]``, ``K <= capacity``: strictly increasing
+        kept indices per (layer,) row and head in the first ``keep_lens[r]`` entries.
     keep_lens : torch.Tensor
         int32 ``[R]``, entries kept per row, ``<= min(K, cache_lens[rows[r]])``.
     """
     check_compaction_args(key_buffer, value_buffer, cache_lens, rows, keep_index, keep_lens)
-    num_rows, kv_heads, width = keep_index.shape
+    layers = key_buffer.shape[0]
+    num_rows, kv_heads, width = keep_index.shape[-3:]
     if num_rows == 0:
         return
     device = key_buffer.device
-    rows_l = rows.long()[:, None, None]  # [R, 1, 1]
-    heads = torch.arange(kv_heads, device=device)[None, :, None]  # [1, H, 1]
-    dst = torch.arange(width, device=device)[None, None, :]  # [1, 1, K]
+    layer_ids = torch.arange(layers, device=device)[:, None, None, None]  # [L, 1, 1, 1]
+    rows_l = rows.long()[None, :, None, None]  # [1, R, 1, 1]
+    heads = torch.arange(kv_heads, device=device)[None, None, :, None]  # [1, 1, H, 1]
+    dst = torch.arange(width, device=device)[None, None, None, :]  # [1, 1, 1, K]
     # Ignored entries (j >= keep_lens) become j -> j, so whatever they hold is never dereferenced.
-    src = torch.where(dst < keep_lens.long()[:, None, None], keep_index.long(), dst)
+    per_layer_index = keep_index.long() if keep_index.dim() == 4 else keep_index.long()[None]
+    src = torch.where(dst < keep_lens.long()[None, :, None, None], per_layer_index, dst)
     for buffer in (key_buffer, value_buffer):
-        # Advanced indices on dims 1-3 with the layer slice in front: [layers, R, H, K, head_dim].
-        kept = buffer[:, rows_l, heads, src]
-        buffer[:, rows_l, heads, dst] = kept
+        kept = buffer[layer_ids, rows_l, heads, src]  # [L, R, H, K, head_dim]
+        buffer[layer_ids, rows_l, heads, dst] = kept
     cache_lens[rows.long()] = keep_lens.to(cache_lens.dtype)
 
 
@@ -159,7 +165,7 @@ def compact_kv(
     rows : torch.Tensor
         int32 ``[R]``, distinct.
     keep_index : torch.Tensor
-        Integer ``[R, kv_heads, K]``.
+        Integer ``[R, kv_heads, K]`` or ``[layers, R, kv_heads, K]``.
     keep_lens : torch.Tensor
         int32 ``[R]``.
     backend : str
