@@ -28,8 +28,10 @@ from setuptools.errors import CompileError
 
 # ``kernels/`` holds the Triton kernels; it is installed as ``effdecode.kernels`` and never as a top-level
 # package, because Hugging Face ships its own ``kernels`` package that transformers imports.
-PACKAGES = ["effdecode", "effdecode.ops", "effdecode.generation", "effdecode.kernels"]
+PACKAGES = ["effdecode", "effdecode.ops", "effdecode.generation", "effdecode.kernels", "effdecode.workloads"]
 PACKAGE_DIR = {"effdecode.kernels": "kernels"}
+# The shipped reasoner models of the arithmetic workload (weights, configs, tokenizer), loaded offline.
+PACKAGE_DATA = {"effdecode.workloads": ["models/*/*.json", "models/*/*.safetensors"]}
 
 SKIP_ENV = "EFFDECODE_SKIP_CUDA_BUILD"
 CSRC = "csrc"
@@ -194,6 +196,7 @@ def _cuda_extensions() -> list:
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": BuildExtWithNvcc},
 )
