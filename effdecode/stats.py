@@ -27,6 +27,13 @@ class GenerationStats:
         Draft tokens proposed to / accepted by the target, per row (speculative decoding; empty otherwise).
     target_row_forwards : list[int]
         Target forwards each row took part in (prefill included); a row leaves once it finishes.
+    evicted_tokens : list[int]
+        KV entries evicted per row (per layer; 0 without ``kv_budget``).
+    thinking_tokens : list[int]
+        Tokens each row chose inside its thinking span (forced and probe tokens excluded; empty unless a
+        thinking option is set).
+    early_exits : list[int]
+        Confident early-exit probes per row (0 or 1; empty without ``early_exit``).
     """
 
     target_forwards: int = 0
@@ -38,6 +45,9 @@ class GenerationStats:
     proposed_draft_tokens: list[int] = field(default_factory=list)
     accepted_draft_tokens: list[int] = field(default_factory=list)
     target_row_forwards: list[int] = field(default_factory=list)
+    evicted_tokens: list[int] = field(default_factory=list)
+    thinking_tokens: list[int] = field(default_factory=list)
+    early_exits: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_target_forward(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
 
 # Model families verified token-for-token against transformers' generate (tests/test_engine_equivalence.py).
@@ -140,6 +141,7 @@ class GenerationRequest:
     return_dict_in_generate: bool = False
     decode_config: DecodeConfig = field(default_factory=DecodeConfig)
     speculation: SpeculationPlan | None = None
+    thinking: ThinkingPlan | None = None
 
     @property
     def batch_size(self) -> int:
@@ -310,6 +312,8 @@ def build_request(
 
         stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
 
+    thinking = thinking_plan(decode_config, tokenizer)
+    _check_kv_budget(decode_config, prompt_lens)
     speculation = _speculation_plan(
         model, config, assistant_model, assistant_tokenizer, tokenizer, decode_config
     )
@@ -317,6 +321,8 @@ def build_request(
         blocker = _speculation_blocker(
             config, logits_processors, stopping_criteria, streamer, input_ids.shape[0], eos_token_ids
         )
+        if blocker is None and thinking is not None:
+            blocker = "thinking_budget, early_exit and kv_think_only run in the plain loop"
         if blocker:
             warnings.warn(
                 f"effdecode: speculative decoding is off for this call ({blocker}); decoding without drafts",
@@ -355,7 +361,21 @@ def build_request(
         return_dict_in_generate=bool(config.return_dict_in_generate),
         decode_config=decode_config,
         speculation=speculation,
+        thinking=thinking,
     )
+
+
+def _check_kv_budget(decode_config: DecodeConfig, prompt_lens: torch.Tensor) -> None:
+    """A protected prompt and the recent window must fit in the KV budget."""
+    budget = decode_config.kv_budget
+    if budget is None or not decode_config.kv_protect_prompt:
+        return
+    longest = int(prompt_lens.max())
+    if longest + decode_config.kv_window > budget:
+        raise ValueError(
+            f"DecodeConfig.kv_budget={budget} cannot hold the protected prompt ({longest} tokens) plus "
+            f"kv_window={decode_config.kv_window}; raise kv_budget or set kv_protect_prompt=False"
+        )
 
 
 def _speculation_plan(

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import time
 
+import numpy as np
 import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
+from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
@@ -107,7 +109,7 @@ class NgramDrafter:
         )
         return drafts, torch.minimum(found, draft_lens), None
 
-    def rollback(self, rows: torch.Tensor, target_cache: SlotKVCache) -> None:
+    def rollback(self, rows: torch.Tensor, kept_lens: torch.Tensor) -> None:
         pass  # nothing cached
 
 
@@ -173,11 +175,13 @@ class ModelDrafter:
             self.forwards += 1
         return drafts, draft_lens, torch.stack(probs, dim=1) if probs else None
 
-    def rollback(self, rows: torch.Tensor, target_cache: SlotKVCache) -> None:
-        """Keep only the entries the target accepted: the draft holds the same tokens up to there."""
-        self.cache.cache_lens[rows] = torch.minimum(
-            self.cache.cache_lens[rows], target_cache.cache_lens[rows]
-        )
+    def rollback(self, rows: torch.Tensor, kept_lens: torch.Tensor) -> None:
+        """Keep only entries of accepted tokens (``kept_lens`` int32 ``[B]``: a row's tokens but the newest).
+
+        The target's cache length would say the same without eviction; with eviction it is smaller, while the
+        draft keeps its whole history.
+        """
+        self.cache.cache_lens[rows] = torch.minimum(self.cache.cache_lens[rows], kept_lens)
 
 
 def _right_aligned_windows(
@@ -200,8 +204,16 @@ def run_speculative(
     batch_size, prompt_width = input_ids.shape
     max_prompt = int(request.prompt_lens.max())
     capacity = max_prompt + request.max_new_tokens + plan.num_draft + 1
-    cache = SlotKVCache(KVGeometry.from_config(model.config), batch_size, capacity, model.dtype, device)
-    backend = request.decode_config.attn_backend
+    config = request.decode_config
+    # With eviction a row's drafts stop at its KV limit, so the target cache needs no room past it.
+    target_capacity = (
+        KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
+    )
+    cache = SlotKVCache(
+        KVGeometry.from_config(model.config), batch_size, target_capacity, model.dtype, device
+    )
+    compressor = KVCompressor(config, cache, request.prompt_lens) if config.compresses else None
+    backend = config.attn_backend
     pipeline = LogitsPipeline(request, device)
     eos_ids = pipeline.eos_ids
     pad = request.pad_token_id if request.pad_token_id is not None else 0
@@ -236,7 +248,9 @@ def run_speculative(
         return torch.multinomial(distribution, 1).squeeze(1), distribution
 
     stats = GenerationStats(
-        kv_peak_bytes=cache.nbytes + getattr(getattr(drafter, "cache", None), "nbytes", 0)
+        kv_peak_bytes=cache.nbytes
+        + getattr(getattr(drafter, "cache", None), "nbytes", 0)
+        + (compressor.nbytes if compressor is not None else 0)
     )
     streamer = request.streamer
     if streamer is not None:
@@ -247,7 +261,11 @@ def run_speculative(
         routed_through_effdecode(draft_model) if draft_model is not None else contextlib.nullcontext()
     )
     with routed_through_effdecode(model), draft_routing, torch.inference_mode():
-        logits = prefill(model, cache, input_ids, prompt_lens, backend)
+        rows_host = np.arange(batch_size)
+        prefill_scores = (
+            compressor.scores_for(rows_host, prompt_lens.cpu().numpy()) if compressor is not None else None
+        )
+        logits = prefill(model, cache, input_ids, prompt_lens, backend, prefill_scores)
         drafter.prefill(input_ids, prompt_lens)
         stats.target_forwards = 1
         scores = pipeline.process(logits, None, new_tokens)
@@ -293,7 +311,7 @@ def run_speculative(
             if stats.target_forwards > 1:
                 cache.cache_lens.index_add_(0, rows_long, num_emitted)
                 cache.positions.index_add_(0, rows_long, num_emitted.long())
-            drafter.rollback(rows_long, cache)
+            drafter.rollback(rows_long, history_lens[rows_long] - 1)
             last_tokens = (
                 emitted[:, 0]
                 if emitted.shape[1] == 1
@@ -305,15 +323,24 @@ def run_speculative(
 
             finished = finished | (new_tokens[rows_long] >= request.max_new_tokens)
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
-            finished_host = finished.cpu()  # the step's sync: which rows stay
+            if compressor is None:
+                finished_host = finished.cpu().numpy()  # the step's sync: which rows stay
+            else:
+                synced = torch.stack([finished.to(torch.int32), num_emitted.to(torch.int32)]).cpu().numpy()
+                finished_host = synced[0].astype(bool)
+                if stats.target_forwards > 1:
+                    compressor.advance(rows_host, synced[1])
             if bool(finished_host.all()) or out_of_time:
                 row_forwards[rows_long] = stats.target_forwards
                 break
             if bool(finished_host.any()):
                 row_forwards[rows_long[finished]] = stats.target_forwards
-                keep = (~finished).nonzero().squeeze(1)
+                keep = torch.as_tensor(np.flatnonzero(~finished_host), device=device)
                 rows, rows_long = rows.index_select(0, keep), rows_long.index_select(0, keep)
                 last_tokens = last_tokens.index_select(0, keep)
+                rows_host = rows_host[~finished_host]
+            if compressor is not None:
+                compressor.compact(compressor.due(rows_host))  # rows at their KV limit, before the forward
 
             # Propose: never more drafts than the row may still emit (minus the target's own token). While
             # every row is paused, the next probe step is known, so the steps before it skip this entirely.
@@ -323,6 +350,8 @@ def run_speculative(
             else:
                 budget = (request.max_new_tokens - new_tokens[rows_long]).to(torch.int32)  # >= 1 when active
                 wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
+                if compressor is not None:  # a row's forward never takes it past its KV limit
+                    wanted = torch.minimum(wanted, compressor.limit - 1 - cache.cache_lens[rows_long])
                 max_draft = int(wanted.max())
                 if max_draft == 0:
                     quiet_until = schedule.next_probe(rows_long)
@@ -333,6 +362,11 @@ def run_speculative(
             )
             stats.draft_forwards = drafter.forwards
             step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
+            if compressor is not None:
+                target_bound = int(compressor.lens[rows_host].max()) + step_cols
+                step_scores = compressor.scores_for(rows_host, step_cols)
+            else:
+                target_bound, step_scores = kv_bound + step_cols, None
 
             if step_cols == 1:
                 # No row drafts this step: a plain decode step (the lean path, no verify machinery).
@@ -344,9 +378,10 @@ def run_speculative(
                     rows_long,
                     last_tokens,
                     new_tokens,
-                    kv_bound,
+                    target_bound,
                     batch_size,
                     backend,
+                    step_scores,
                 )
             else:
                 # Verify every row in one target forward: [last token, drafts...], right-aligned.
@@ -354,10 +389,10 @@ def run_speculative(
                 verify_ids, position_ids = _verify_inputs(
                     last_tokens, rows_long, drafts, draft_lens, step_cols, cache.positions
                 )
-                batch = SlotBatch(
-                    rows, cache.cache_lens, q_lens, kv_len_bound=kv_bound + step_cols, backend=backend
+                batch = SlotBatch(rows, cache.cache_lens, q_lens, kv_len_bound=target_bound, backend=backend)
+                logits = forward_logits(
+                    model, cache, batch, verify_ids, position_ids, last_only=False, scores=step_scores
                 )
-                logits = forward_logits(model, cache, batch, verify_ids, position_ids, last_only=False)
                 scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
                 not_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
                 if sampling:
@@ -392,7 +427,11 @@ def run_speculative(
     stats.accepted_draft_tokens = accepted_total.tolist()
     stats.target_row_forwards = row_forwards.tolist()
     stats.draft_forwards = drafter.forwards
-    stats.kv_peak_tokens = int(cache.cache_lens.max())
+    if compressor is not None:
+        stats.kv_peak_tokens = compressor.peak
+        stats.evicted_tokens = compressor.evicted.tolist()
+    else:
+        stats.kv_peak_tokens = int(cache.cache_lens.max())
     stats.wall_time_s = time.perf_counter() - started
     sequences = sequences[:, : prompt_width + longest]
     if not request.return_dict_in_generate:
@@ -476,15 +515,20 @@ def _cut_at_criteria(
 
 
 def _plain_step(
-    model, cache, pipeline, rows, rows_long, last_token, new_tokens, kv_bound, batch_size, backend
+    model, cache, pipeline, rows, rows_long, last_token, new_tokens, kv_bound, batch_size, backend, scores
 ):
-    """One token per row from a T = 1 forward: ``(emitted [B, 1], num_emitted [B], finished [B])``."""
+    """One token per row from a T = 1 forward: ``(emitted [B, 1], num_emitted [B], finished [B])``.
+
+    ``kv_bound`` bounds the rows' cache lengths after the forward.
+    """
     ones = torch.ones(rows.shape[0], dtype=torch.int32, device=rows.device)
     batch = SlotBatch(
-        rows, cache.cache_lens, ones, kv_len_bound=kv_bound + 1, backend=backend, q_full=True,
+        rows, cache.cache_lens, ones, kv_len_bound=kv_bound, backend=backend, q_full=True,
         rows_are_leading_slots=rows.shape[0] == batch_size,  # rows only ever leave: then arange(B)
     )  # fmt: skip
-    logits = forward_logits(model, cache, batch, last_token[:, None], cache.positions[rows_long][:, None])
+    logits = forward_logits(
+        model, cache, batch, last_token[:, None], cache.positions[rows_long][:, None], scores=scores
+    )
     scores = pipeline.process(logits, None, new_tokens[rows_long])
     token = pipeline.choose(scores, rows_long)
     return token[:, None], ones, torch.isin(token, pipeline.eos_ids)

@@ -16,17 +16,20 @@ def forward_logits(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     last_only: bool = True,
+    scores: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run ``model`` on ``input_ids`` ``[B, T]`` over the slot cache.
 
     Returns the last column's logits ``[B, V]`` when ``last_only``, else every column's ``[B, T, V]``.
+    ``scores`` (one float32 ``[slots, kv_heads, capacity]`` buffer per layer) receives the attention mass of
+    this forward's queries.
     """
     outputs = model(
         input_ids=input_ids,
         position_ids=position_ids,
         use_cache=False,
         logits_to_keep=1 if last_only else 0,
-        **{STEP_KWARG: StepContext(cache, batch)},
+        **{STEP_KWARG: StepContext(cache, batch, scores)},
     )
     return outputs.logits[:, -1] if last_only else outputs.logits
 
@@ -37,6 +40,7 @@ def prefill(
     input_ids: torch.Tensor,
     prompt_lens: torch.Tensor,
     backend: str,
+    scores: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write every prompt into its slot (slot ``b`` = row ``b``) in one forward; advance lengths/positions.
 
@@ -69,7 +73,7 @@ def prefill(
         q_full=max_prompt == int(prompt_lens.min()),
     )
     prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
-    logits = forward_logits(model, cache, batch, prefill_ids, position_ids)
+    logits = forward_logits(model, cache, batch, prefill_ids, position_ids, scores=scores)
     cache.cache_lens[:batch_size] += prompt_lens
     cache.positions[:batch_size] += prompt_lens.long()
     return logits

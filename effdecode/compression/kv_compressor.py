@@ -1,0 +1,181 @@
+"""Per-row KV eviction inside the decode loops: when to compact which rows, and the side buffers it needs.
+
+A row is compacted back to ``kv_budget`` entries just before a forward that would take it past
+``kv_budget + compress_every`` (the *limit*), so it never holds more than the limit and the cache is allocated
+for exactly that. The schedule depends only on each row's own token count, so plain and speculative decoding
+compact a row at the same tokens (speculation caps a row's drafts at the limit).
+
+Side buffers, ``[layers, slots, kv_heads, capacity]`` like the cache without ``head_dim``:
+
+- ``scores`` (float32, attention-based policies): the attention mass each entry received, which the attention
+  kernel accumulates during the forwards that emit scores. "h2o" accumulates over the whole generation (kept
+  entries carry their mass through a compaction); "snapkv"/"rkv" only over a row's *observation window*, its
+  last ``min(kv_window, compress_every)`` queries before a compaction: a row's scores are zeroed as its window
+  opens, and forwards emit scores only while some row's window is open.
+- ``entry_positions`` (int32): the RoPE position of every entry, which compaction scrambles per layer and
+  head. Entries appended since a row's last compaction are contiguous in index and position, so they are
+  filled in only when the row is compacted next (``fresh_from``), never per step.
+
+Host bookkeeping: the engine reports how many entries each row gained (``advance``); that lets it know which
+rows are due without reading device memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from effdecode.cache import SlotKVCache
+from effdecode.compression.policies import protection_masks, select_keep
+from effdecode.config import DecodeConfig
+from effdecode.ops.compaction import compact_kv
+
+_SCORED_POLICIES = frozenset({"h2o", "snapkv", "rkv"})
+
+
+class KVCompressor:
+    """Decides and performs the compactions of one ``generate`` call.
+
+    Parameters
+    ----------
+    config : DecodeConfig
+        ``kv_budget`` (not None), ``kv_policy``, ``kv_window``, ``kv_sinks``, ``compress_every``,
+        ``kv_protect_prompt``, ``kv_think_only``.
+    cache : SlotKVCache
+        The target's cache, allocated with capacity >= :meth:`capacity_for`.
+    prompt_lens : torch.Tensor
+        int32 ``[slots]`` real prompt tokens per row (device).
+    think_spans : callable, optional
+        Returns int64 ``[slots, 2]`` (start, end) positions of each row's thinking span (device); required
+        with ``kv_think_only``.
+    """
+
+    def __init__(
+        self,
+        config: DecodeConfig,
+        cache: SlotKVCache,
+        prompt_lens: torch.Tensor,
+        think_spans=None,
+    ) -> None:
+        if config.kv_budget is None:
+            raise ValueError("KVCompressor needs DecodeConfig.kv_budget")
+        if config.kv_think_only and think_spans is None:
+            raise ValueError("kv_think_only needs the rows' thinking spans")
+        self.config = config
+        self.cache = cache
+        self.budget = config.kv_budget
+        self.limit = config.kv_budget + config.compress_every
+        self.policy = config.kv_policy
+        self.observe = min(config.kv_window, config.compress_every)
+        self.prompt_lens = prompt_lens
+        self.think_spans = think_spans
+        slots = cache.num_slots
+        self.lens = prompt_lens.cpu().numpy().astype(np.int64)  # entries per slot, known on the host
+        self.fresh_from = np.zeros(slots, dtype=np.int64)  # entries past this have contiguous positions
+        self.evicted = np.zeros(slots, dtype=np.int64)
+        self.peak = int(self.lens.max()) if slots else 0
+        shape = (cache.geometry.num_layers, slots, cache.geometry.kv_heads, cache.capacity)
+        self.scores = (
+            torch.zeros(shape, dtype=torch.float32, device=cache.device)
+            if self.policy in _SCORED_POLICIES
+            else None
+        )
+        self.entry_positions = torch.zeros(shape, dtype=torch.int32, device=cache.device)
+
+    @staticmethod
+    def capacity_for(config: DecodeConfig, max_prompt: int, needed: int) -> int:
+        """Cache capacity for a call that needs ``needed`` entries per row without eviction."""
+        limit = config.kv_budget + config.compress_every
+        return min(needed, max(max_prompt, limit))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the side buffers (counted in ``kv_peak_bytes``)."""
+        total = self.entry_positions.numel() * self.entry_positions.element_size()
+        if self.scores is not None:
+            total += self.scores.numel() * self.scores.element_size()
+        return total
+
+    def scores_for(self, rows: np.ndarray, incoming: np.ndarray) -> list[torch.Tensor] | None:
+        """Per-layer score buffers for a forward adding ``incoming`` entries to slots ``rows``, or None.
+
+        For "snapkv"/"rkv", zeroes the scores of rows whose observation window opens in this forward.
+        """
+        if self.scores is None:
+            return None
+        if self.policy == "h2o":
+            return list(self.scores.unbind(0))
+        window_start = self.limit - self.observe
+        lens = self.lens[rows]
+        opening = rows[(lens <= window_start) & (lens + incoming > window_start)]
+        if opening.size:
+            self.scores[:, torch.as_tensor(opening, device=self.scores.device)] = 0.0
+        if not bool((lens + incoming > window_start).any()):
+            return None
+        return list(self.scores.unbind(0))
+
+    def advance(self, rows: np.ndarray, counts: np.ndarray | int) -> None:
+        """Slots ``rows`` kept ``counts`` more entries (after a forward's tokens were accepted)."""
+        self.lens[rows] += counts
+        if rows.size:
+            self.peak = max(self.peak, int(self.lens[rows].max()))
+
+    def due(self, rows: np.ndarray) -> np.ndarray:
+        """Slots among ``rows`` that must be compacted before their next forward (they reached the limit)."""
+        return rows[self.lens[rows] >= self.limit]
+
+    def compact(self, rows: np.ndarray) -> None:
+        """Evict down to ``kv_budget`` entries in slots ``rows`` (every layer; a selection per layer/head)."""
+        if rows.size == 0:
+            return
+        cache = self.cache
+        device = cache.device
+        slots = torch.as_tensor(rows, device=device, dtype=torch.long)
+        lens = self.lens[rows]
+        width = int(lens.max())
+        lengths = torch.as_tensor(lens, device=device)
+        next_positions = cache.positions[slots]
+        # Entries appended since the row's last compaction: position = next position - (len - index).
+        index = torch.arange(width, device=device)
+        fresh = index[None, :] >= torch.as_tensor(self.fresh_from[rows], device=device)[:, None]
+        contiguous = next_positions[:, None] - lengths[:, None] + index[None, :]  # [R, C]
+        stored = self.entry_positions[:, slots, :, :width].long()  # [L, R, H, C]
+        positions = torch.where(fresh[None, :, None, :], contiguous[None, :, None, :], stored)
+
+        config = self.config
+        spans = self.think_spans()[slots] if self.think_spans is not None else None
+        must_keep, prefer_keep = protection_masks(
+            positions,
+            lengths,
+            next_positions,
+            self.prompt_lens[slots],
+            spans if spans is not None else torch.zeros(len(rows), 2, dtype=torch.long, device=device),
+            config.kv_sinks,
+            config.kv_window,
+            config.kv_protect_prompt,
+            config.kv_think_only,
+        )
+        scores = self.scores[:, slots, :, :width] if self.scores is not None else None
+        keys = cache.key_buffer[:, slots, :, :width] if self.policy == "rkv" else None
+        keep_index, keep_lens = select_keep(
+            self.policy, keys, scores, positions, lengths, must_keep, prefer_keep, self.budget
+        )
+        compact_kv(
+            cache.key_buffer,
+            cache.value_buffer,
+            cache.cache_lens,
+            slots.to(torch.int32),
+            keep_index,
+            keep_lens,
+            backend=config.attn_backend,
+        )
+        kept = keep_index.long()
+        self.entry_positions[:, slots, :, : self.budget] = positions.gather(3, kept).to(torch.int32)
+        if self.scores is not None:
+            if self.policy == "h2o":
+                self.scores[:, slots, :, : self.budget] = scores.gather(3, kept)
+            self.scores[:, slots, :, self.budget :] = 0.0
+        kept_lens = np.minimum(lens, self.budget)
+        self.evicted[rows] += lens - kept_lens
+        self.lens[rows] = kept_lens
+        self.fresh_from[rows] = kept_lens
