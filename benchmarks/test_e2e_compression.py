@@ -111,6 +111,8 @@ def test_eviction_share_of_decode(benchmark, model, policy, monkeypatch):
     compact = KVCompressor.compact
 
     def timed(self, rows):
+        if rows.size == 0:  # nothing due this step
+            return compact(self, rows)
         if ON_GPU:
             torch.cuda.synchronize()
         started = time.perf_counter()
