@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from effdecode.ops.backend import BACKENDS
 
 KV_POLICIES = ("streaming", "h2o", "snapkv", "rkv")
@@ -31,6 +33,10 @@ class DecodeConfig:
     draft_length : str, optional
         ``"adaptive"``: in speculative decoding each row's draft length follows its own acceptance history
         (overrides ``num_assistant_tokens_schedule``). None follows the generate arguments.
+    cuda_graphs : bool, optional
+        Replay decode steps from CUDA graphs captured per row-count bucket (1, 2, 4, ... 256) and kept on the
+        model across calls (``unpatch`` frees them). None: on for CUDA models. Steps that emit attention
+        scores or feed several tokens per row run eagerly.
     kv_budget : int, optional
         KV entries a row keeps per layer after a compaction; None keeps everything. A row holds at most
         ``kv_budget + compress_every`` entries (the cache is allocated for that; only a prompt longer than
@@ -78,6 +84,7 @@ class DecodeConfig:
 
     attn_backend: str = "auto"
     draft_length: str | None = None
+    cuda_graphs: bool | None = None
     kv_budget: int | None = None
     kv_policy: str = "streaming"
     kv_window: int = 32
@@ -144,6 +151,10 @@ class DecodeConfig:
             raise ValueError("DecodeConfig.think_end is required by thinking_budget and early_exit")
         if self.early_exit is not None and not self.early_exit_triggers:
             raise ValueError("DecodeConfig.early_exit_triggers is empty: early_exit would never probe")
+
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether decode steps on ``device`` replay CUDA graphs (emulated eagerly off CUDA if forced on)."""
+        return device.type == "cuda" if self.cuda_graphs is None else bool(self.cuda_graphs)
 
     @property
     def compresses(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.generation.graphs import release_graphs
 
 _STATE_ATTR = "_effdecode_patch"
 _MISSING = object()
@@ -74,6 +75,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     else:
         object.__setattr__(model, "generate", state.previous_generate)
     del model.__dict__[_STATE_ATTR]
+    release_graphs(model)
     return model
 
 

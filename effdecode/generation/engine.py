@@ -18,6 +18,7 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
+from effdecode.generation.graphs import graphs_of
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest
@@ -60,7 +61,17 @@ def run_generation(
     capacity = (
         KVCompressor.capacity_for(config, max_prompt, needed) + probe_room if config.compresses else needed
     )
-    cache = SlotKVCache(KVGeometry.from_config(model.config), batch_size, capacity, model.dtype, device)
+    geometry = KVGeometry.from_config(model.config)
+    # CUDA graphs replay plain decode steps; steps that emit attention scores (h2o always) stay eager.
+    graphs = (
+        graphs_of(model)
+        if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o")
+        else None
+    )
+    if graphs is not None:
+        cache = graphs.cache_for(model, geometry, batch_size, capacity, model.dtype, device)
+    else:
+        cache = SlotKVCache(geometry, batch_size, capacity, model.dtype, device)
     compressor = (
         KVCompressor(
             config, cache, request.prompt_lens, (lambda: thinking.spans) if thinking is not None else None
@@ -252,7 +263,11 @@ def run_generation(
             if num_cols > 1:
                 columns = torch.arange(num_cols, device=device)[None, :]
                 positions = (positions + columns - (num_cols - q_lens.long())[:, None]).clamp(min=0)
-            logits = forward_logits(model, cache, batch, input_ids_step, positions, scores=step_scores)
+            logits = None
+            if graphs is not None and num_cols == 1 and step_scores is None:
+                logits = graphs.run(model, rows, input_ids_step[:, 0], positions[:, 0], backend)
+            if logits is None:
+                logits = forward_logits(model, cache, batch, input_ids_step, positions, scores=step_scores)
             if num_cols == 1:
                 cache.cache_lens.index_add_(0, rows_long, one_token[:num_rows])
                 cache.positions.index_add_(0, rows_long, one_position[:num_rows])

@@ -1,0 +1,182 @@
+"""CUDA graphs for decode steps: one captured q_len-1 forward per row-count bucket, reused across calls.
+
+A decode step launches hundreds of small kernels (every module of every layer); at small batch the GPU waits
+on the CPU between them. Capturing the step once per row-count bucket (1, 2, 4, ... 256) and replaying it
+removes that overhead. What a captured step needs, and how it gets it:
+
+- Static tensors: the step reads its tokens, positions and slots from buffers owned by the graph, and writes
+  logits to a buffer owned by the graph; the engine copies into and out of them around ``replay``.
+- A static cache: graphs hold the addresses of the K/V buffers, so the cache lives in a per-model
+  :class:`DecodeGraphs` (attached to the model, reused by the next ``generate``, freed by
+  :func:`release_graphs`, which ``unpatch`` calls). A call that needs more rows or capacity reallocates it and
+  drops the captured graphs.
+- A static batch description: ``kv_len_bound`` is the capacity (the kernels mask by each row's own
+  ``cache_len``, so the bound only sizes the grid), rows past the real ones point at a scratch slot whose
+  length stays 0, so padding rows write there and are never read.
+
+Everything else of the step (logits processing, sampling, stop checks, cache length updates) runs eagerly.
+On a machine without CUDA (tests), ``replay`` runs the same static-buffer step eagerly, so the bucketing and
+buffer plumbing are checked everywhere; only the capture itself needs a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from effdecode.cache import KVGeometry, SlotKVCache
+from effdecode.generation.steps import forward_logits
+from effdecode.ops.attention import SlotBatch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_CAPACITY_STEP = 256  # capacity is rounded up so that similar calls share the cache and the graphs
+_ATTR = "_effdecode_graphs"
+
+
+def bucket_for(rows: int) -> int | None:
+    """The smallest bucket holding ``rows`` rows, or None past the largest (the step then runs eagerly)."""
+    for bucket in BUCKETS:
+        if rows <= bucket:
+            return bucket
+    return None
+
+
+class _CapturedStep:
+    """Static inputs/outputs of one bucket and its graph (or, without CUDA, an eager stand-in)."""
+
+    def __init__(self, model, cache: SlotKVCache, bucket: int, backend: str, pool) -> None:
+        device = cache.device
+        scratch = cache.num_slots - 1
+        self.input_ids = torch.zeros(bucket, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(bucket, 1, dtype=torch.long, device=device)
+        self.rows = torch.full((bucket,), scratch, dtype=torch.int32, device=device)
+        ones = torch.ones(bucket, dtype=torch.int32, device=device)
+
+        def step() -> torch.Tensor:
+            batch = SlotBatch(
+                self.rows,
+                cache.cache_lens,
+                ones,
+                kv_len_bound=cache.capacity,
+                backend=backend,
+                q_full=True,
+            )
+            return forward_logits(model, cache, batch, self.input_ids, self.positions)
+
+        self._step = step
+        self.graph = None
+        if device.type == "cuda":
+            # Warm up on a side stream (allocator, autotuning, lazy inits), then capture.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = step()
+        else:
+            self.logits = step()
+
+    def replay(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._step()
+        return self.logits
+
+
+class DecodeGraphs:
+    """A model's persistent decode cache and its captured q_len-1 steps, keyed by row-count bucket."""
+
+    def __init__(self) -> None:
+        self.cache: SlotKVCache | None = None
+        self.steps: dict[tuple[int, str], _CapturedStep] = {}
+        self.pool = None
+        self.captures = 0  # graphs captured over the model's life (tests, stats)
+        self.broken: str | None = None  # why capture failed; the model then decodes eagerly
+
+    def cache_for(
+        self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
+    ) -> SlotKVCache:
+        """A cache with at least ``rows`` slots (+1 scratch) and ``capacity`` entries, lengths reset."""
+        bucket = bucket_for(rows) or rows
+        capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
+        cache = self.cache
+        if (
+            cache is None
+            or cache.num_slots < bucket + 1
+            or cache.capacity < capacity
+            or cache.dtype != dtype
+            or cache.device != torch.device(device)
+            or cache.geometry != geometry
+        ):
+            self.release()
+            cache = SlotKVCache(geometry, bucket + 1, capacity, dtype, device)
+            self.cache = cache
+        cache.cache_lens.zero_()
+        cache.positions.zero_()
+        return cache
+
+    def step(self, model, rows: int, backend: str) -> _CapturedStep | None:
+        """The captured step for ``rows`` rows (captured on first use), or None if no bucket holds them."""
+        bucket = bucket_for(rows)
+        if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
+            return None
+        key = (bucket, backend)
+        if key not in self.steps:
+            if self.pool is None and self.cache.device.type == "cuda":
+                self.pool = torch.cuda.graph_pool_handle()
+            try:
+                self.steps[key] = _CapturedStep(model, self.cache, bucket, backend, self.pool)
+            except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
+                self.broken = f"{type(error).__name__}: {error}"
+                warnings.warn(
+                    f"effdecode: CUDA graph capture failed ({self.broken}); decoding without graphs",
+                    stacklevel=2,
+                )
+                return None
+            self.captures += 1
+        return self.steps[key]
+
+    def run(
+        self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
+    ) -> torch.Tensor | None:
+        """Replay the decode step for slots ``rows`` (int32 ``[B]``): logits ``[B, V]``, or None if none fits.
+
+        ``tokens`` int64 ``[B]`` and ``positions`` int64 ``[B]`` are each row's input token and position.
+        """
+        num_rows = rows.shape[0]
+        step = self.step(model, num_rows, backend)
+        if step is None:
+            return None
+        step.rows[:num_rows].copy_(rows)
+        step.rows[num_rows:].fill_(self.cache.num_slots - 1)  # padding rows write into the scratch slot
+        step.input_ids[:num_rows, 0].copy_(tokens)
+        step.positions[:num_rows, 0].copy_(positions)
+        return step.replay()[:num_rows]
+
+    def release(self) -> None:
+        """Drop the graphs and the cache (their memory returns to the allocator)."""
+        self.steps.clear()
+        self.cache = None
+        self.pool = None
+
+
+def graphs_of(model: torch.nn.Module) -> DecodeGraphs:
+    """The model's :class:`DecodeGraphs`, created on first use."""
+    graphs = getattr(model, _ATTR, None)
+    if graphs is None:
+        graphs = DecodeGraphs()
+        object.__setattr__(model, _ATTR, graphs)
+    return graphs
+
+
+def release_graphs(model: torch.nn.Module) -> None:
+    """Free the model's captured graphs and decode cache, if any."""
+    graphs = getattr(model, _ATTR, None)
+    if graphs is not None:
+        graphs.release()
+        object.__delattr__(model, _ATTR)
