@@ -250,3 +250,32 @@ def test_draft_cache_catches_up_after_a_row_paused_drafting(monkeypatch):
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
     assert sum(out.stats.proposed_draft_tokens) >= 3 * 3  # probes happened (steps 8, 16, 32)
     assert out.stats.accepted_draft_tokens == out.stats.proposed_draft_tokens
+
+
+def test_only_drafting_rows_run_the_draft_model(monkeypatch):
+    """Rows that paused drafting stay out of the draft model's forwards; output stays plain greedy."""
+    from effdecode.generation.speculative import ModelDrafter
+
+    model = tiny_model("llama", torch.float64, seed=3)
+    perfect = copy.deepcopy(model)
+    input_ids, mask = repetitive_prompts(4, 12, seed=5)
+    seen_rows = []
+    propose = ModelDrafter.propose
+
+    def recording(self, rows, *args):
+        seen_rows.append(rows.shape[0])
+        return propose(self, rows, *args)
+
+    monkeypatch.setattr(ModelDrafter, "propose", recording)
+    monkeypatch.setattr(
+        "effdecode.generation.speculative.DraftSchedule.wanted",
+        lambda self, rows: torch.where(rows < 2, self.lengths[rows], 0),  # rows 0-1 draft, 2-3 paused
+    )
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=20)
+    out = effdecode.generate(
+        model, input_ids, attention_mask=mask, max_new_tokens=20, assistant_model=perfect,
+        num_assistant_tokens=3, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    assert seen_rows and max(seen_rows) == 2
+    assert out.stats.proposed_draft_tokens[2:] == [0, 0] and sum(out.stats.accepted_draft_tokens[:2]) > 0

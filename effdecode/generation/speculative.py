@@ -352,14 +352,22 @@ def run_speculative(
                 wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
                 if compressor is not None:  # a row's forward never takes it past its KV limit
                     wanted = torch.minimum(wanted, compressor.limit - 1 - cache.cache_lens[rows_long])
-                max_draft = int(wanted.max())
-                if max_draft == 0:
+                wanted_host = wanted.cpu().numpy()
+                max_draft = int(wanted_host.max())
+                if max_draft == 0 and compressor is None:  # (a KV limit, not a pause, may be why)
                     quiet_until = schedule.next_probe(rows_long)
-            drafts, draft_lens, draft_probs = (
-                drafter.propose(rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft)
-                if max_draft > 0
-                else (None, None, None)
-            )
+            if max_draft == 0:
+                drafts, draft_lens, draft_probs = None, None, None
+            elif isinstance(drafter, ModelDrafter) and not wanted_host.all():
+                # Only drafting rows run the draft model; paused rows catch up when they draft again.
+                drafts, draft_lens, draft_probs = _propose_for_some(
+                    drafter, rows, np.flatnonzero(wanted_host), max_draft, wanted, history, history_lens,
+                    kv_bound + 2, choose_draft,
+                )  # fmt: skip
+            else:
+                drafts, draft_lens, draft_probs = drafter.propose(
+                    rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft
+                )
             stats.draft_forwards = drafter.forwards
             step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
             if compressor is not None:
@@ -437,6 +445,20 @@ def run_speculative(
     if not request.return_dict_in_generate:
         return sequences
     return EffdecodeGenerateOutput(sequences=sequences, stats=stats)
+
+
+def _propose_for_some(drafter, rows, drafting, max_draft, wanted, history, history_lens, bound, choose):
+    """Drafts of the rows at indices ``drafting`` (host) only, scattered into ``[B, ...]`` (0 elsewhere)."""
+    index = torch.as_tensor(drafting, device=rows.device)
+    drafts, lens, probs = drafter.propose(
+        rows[index], max_draft, wanted[index], history, history_lens, bound, choose
+    )
+    all_drafts = drafts.new_zeros(rows.shape[0], drafts.shape[1]).index_copy_(0, index, drafts)
+    all_lens = lens.new_zeros(rows.shape[0]).index_copy_(0, index, lens)
+    all_probs = None
+    if probs is not None:
+        all_probs = probs.new_zeros(rows.shape[0], *probs.shape[1:]).index_copy_(0, index, probs)
+    return all_drafts, all_lens, all_probs
 
 
 def _verify_inputs(last_token, rows, drafts, draft_lens, num_cols, positions):
