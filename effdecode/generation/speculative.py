@@ -520,15 +520,17 @@ def _cut_at_criteria(
     finished = finished.clone()
     ends = prompt_width + new_tokens[rows] - 1  # column of the row's last appended token
     pending = torch.ones_like(finished)
-    extended = sequences.clone()
+    # Only the active rows' used columns are copied (the buffer itself is written by _append afterwards).
+    extended = sequences[:, : min(sequences.shape[1], width)].index_select(0, rows)
+    local = torch.arange(rows.shape[0], device=rows.device)
+    last_column = extended.shape[1] - 1
     for j in range(emitted.shape[1]):
         present = pending & (j < num_emitted)
         if not bool(present.any()):
             break
-        extended[rows, (ends + 1 + j).clamp(max=sequences.shape[1] - 1)] = torch.where(
-            present, emitted[:, j], extended[rows, (ends + 1 + j).clamp(max=sequences.shape[1] - 1)]
-        )
-        windows = _right_aligned_windows(extended, rows, ends + 1 + j, width, pad)
+        column = (ends + 1 + j).clamp(max=last_column)
+        extended[local, column] = torch.where(present, emitted[:, j], extended[local, column])
+        windows = _right_aligned_windows(extended, local, ends + 1 + j, width, pad)
         hit = criteria_hit(request.stopping_criteria, windows, None) & present
         num_emitted = torch.where(hit, j + 1, num_emitted)
         finished |= hit
