@@ -28,8 +28,10 @@ class DecodeConfig:
     ----------
     attn_backend : str
         Attention implementation over the slot cache: ``"auto"`` (Triton on CUDA, the torch reference
-        elsewhere), ``"torch"``, ``"triton"`` or ``"cuda"`` (the compiled extension where it has the op,
-        else Triton). The environment variable ``EFFDECODE_BACKEND`` overrides it for every op.
+        elsewhere), ``"torch"``, ``"triton"``, ``"cuda"`` (the compiled extension where it has the op,
+        else Triton) or ``"flash_attn"`` (flash-attn's ``flash_attn_with_kvcache`` where it is installed and
+        the call allows it: CUDA fp16/bf16, no attention scores for eviction; else as ``"auto"``; other ops
+        run as ``"auto"``). The environment variable ``EFFDECODE_BACKEND`` overrides it for every op.
     draft_length : str, optional
         ``"adaptive"``: in speculative decoding each row's draft length follows its own acceptance history
         (overrides ``num_assistant_tokens_schedule``). None follows the generate arguments.

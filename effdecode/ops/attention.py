@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from effdecode.ops.backend import resolve_backend
+from effdecode.ops.backend import requested_backend, resolve_backend
+from effdecode.ops.flash_attention import flash_supported, flash_wanted, slot_attention_flash
 
 
 @dataclass
@@ -233,12 +234,18 @@ def slot_attention(
 ) -> torch.Tensor:
     """Dispatch slot attention to Triton on CUDA (or when forced) and to the torch reference otherwise.
 
+    ``"flash_attn"`` runs flash-attn's KV-cache kernel where :func:`flash_supported` holds (installed, CUDA
+    fp16/bf16, no ``scores_out``, ...) and otherwise exactly what ``"auto"`` runs.
     Same parameters and result as :func:`slot_attention_reference`.
     """
     backend = batch.derived.get("backend")
     if backend is None:  # resolved once per step, not once per layer
         backend = resolve_backend(batch.backend, query.device, has_cuda_op=False, has_triton_op=True)
         batch.derived["backend"] = backend
+        batch.derived["flash"] = flash_wanted(requested_backend(batch.backend) == "flash_attn")
+    flash = batch.derived.get("flash")
+    if flash and flash_supported(query, key, k_cache, v_cache, sliding_window, scores_out):
+        return slot_attention_flash(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
     if backend == "triton":
         from effdecode.kernels.slot_attention import slot_attention_triton
 

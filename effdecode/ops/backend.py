@@ -8,7 +8,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "flash_attn")
 BACKEND_ENV = "EFFDECODE_BACKEND"
 
 
@@ -36,14 +36,26 @@ def check_backend(name: str) -> str:
     return name
 
 
+def requested_backend(requested: str) -> str:
+    """``requested``, or the environment variable ``EFFDECODE_BACKEND`` where set; validated."""
+    return check_backend(os.environ.get(BACKEND_ENV, requested) or "auto")
+
+
 def resolve_backend(requested: str, device: torch.device, *, has_cuda_op: bool, has_triton_op: bool) -> str:
     """Pick the implementation of one op for tensors on ``device``.
 
     ``auto`` takes the CUDA extension (built, tensors on CUDA), then Triton (CUDA tensors), then the torch
     reference. The environment variable ``EFFDECODE_BACKEND`` overrides ``requested`` when set. Asking for a
-    backend that cannot run here raises ``ValueError`` rather than silently taking another.
+    backend that cannot run here raises ``ValueError`` rather than silently taking another. ``flash_attn``
+    only concerns attention (whose dispatcher tries flash-attn first); here it resolves as ``auto``.
     """
-    requested = check_backend(os.environ.get(BACKEND_ENV, requested) or "auto")
+    requested = requested_backend(requested)
+    return _resolve(requested, device, has_cuda_op=has_cuda_op, has_triton_op=has_triton_op)
+
+
+def _resolve(requested: str, device: torch.device, *, has_cuda_op: bool, has_triton_op: bool) -> str:
+    if requested == "flash_attn":
+        requested = "auto"
     on_cuda = device.type == "cuda"
     if requested == "auto":
         if on_cuda and has_cuda_op and cuda_extension() is not None:
@@ -53,7 +65,7 @@ def resolve_backend(requested: str, device: torch.device, *, has_cuda_op: bool, 
         return "torch"
     if requested == "cuda":
         if not has_cuda_op:
-            return resolve_backend("auto", device, has_cuda_op=False, has_triton_op=has_triton_op)
+            return _resolve("auto", device, has_cuda_op=False, has_triton_op=has_triton_op)
         if cuda_extension() is None or not on_cuda:
             raise ValueError("backend 'cuda' needs the built effdecode._C extension and CUDA tensors")
     if requested == "triton":
