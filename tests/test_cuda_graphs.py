@@ -99,3 +99,13 @@ def test_captured_decode_matches_eager_on_gpu():
     assert graphs_of(model).broken is None
     assert graphs_of(model).steps[(8, "auto")].graph is not None
     assert torch.equal(eager, replayed)
+
+
+def test_speculative_plain_steps_replay_graphs():
+    """Rows that stop drafting decode through the graphs; greedy output is unchanged."""
+    model = tiny_model("llama", torch.float64)
+    ids, mask = ragged_prompts(3, 10, seed=6)
+    eager = _run(model, ids, mask, graphs=False, new=40, prompt_lookup_num_tokens=3)
+    replayed = _run(model, ids, mask, graphs=True, new=40, prompt_lookup_num_tokens=3)
+    assert torch.equal(eager, replayed)
+    assert graphs_of(model).captures >= 1

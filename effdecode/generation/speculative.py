@@ -18,6 +18,7 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
+from effdecode.generation.graphs import graphs_of
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
@@ -209,9 +210,17 @@ def run_speculative(
     target_capacity = (
         KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
     )
-    cache = SlotKVCache(
-        KVGeometry.from_config(model.config), batch_size, target_capacity, model.dtype, device
+    geometry = KVGeometry.from_config(model.config)
+    # Plain (q_len 1) steps replay CUDA graphs like the plain loop; verify forwards run eagerly.
+    graphs = (
+        graphs_of(model)
+        if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o")
+        else None
     )
+    if graphs is not None:
+        cache = graphs.cache_for(model, geometry, batch_size, target_capacity, model.dtype, device)
+    else:
+        cache = SlotKVCache(geometry, batch_size, target_capacity, model.dtype, device)
     compressor = KVCompressor(config, cache, request.prompt_lens) if config.compresses else None
     backend = config.attn_backend
     pipeline = LogitsPipeline(request, device)
@@ -390,6 +399,7 @@ def run_speculative(
                     batch_size,
                     backend,
                     step_scores,
+                    graphs,
                 )
             else:
                 # Verify every row in one target forward: [last token, drafts...], right-aligned.
@@ -539,20 +549,24 @@ def _cut_at_criteria(
 
 
 def _plain_step(
-    model, cache, pipeline, rows, rows_long, last_token, new_tokens, kv_bound, batch_size, backend, scores
-):
+    model, cache, pipeline, rows, rows_long, last_token, new_tokens, kv_bound, batch_size, backend, scores,
+    graphs,
+):  # fmt: skip
     """One token per row from a T = 1 forward: ``(emitted [B, 1], num_emitted [B], finished [B])``.
 
-    ``kv_bound`` bounds the rows' cache lengths after the forward.
+    ``kv_bound`` bounds the rows' cache lengths after the forward; ``graphs`` (or None) replays it.
     """
     ones = torch.ones(rows.shape[0], dtype=torch.int32, device=rows.device)
-    batch = SlotBatch(
-        rows, cache.cache_lens, ones, kv_len_bound=kv_bound, backend=backend, q_full=True,
-        rows_are_leading_slots=rows.shape[0] == batch_size,  # rows only ever leave: then arange(B)
-    )  # fmt: skip
-    logits = forward_logits(
-        model, cache, batch, last_token[:, None], cache.positions[rows_long][:, None], scores=scores
-    )
+    positions = cache.positions[rows_long]
+    logits = None
+    if graphs is not None and scores is None:
+        logits = graphs.run(model, rows, last_token, positions, backend)
+    if logits is None:
+        batch = SlotBatch(
+            rows, cache.cache_lens, ones, kv_len_bound=kv_bound, backend=backend, q_full=True,
+            rows_are_leading_slots=rows.shape[0] == batch_size,  # rows only ever leave: then arange(B)
+        )  # fmt: skip
+        logits = forward_logits(model, cache, batch, last_token[:, None], positions[:, None], scores=scores)
     scores = pipeline.process(logits, None, new_tokens[rows_long])
     token = pipeline.choose(scores, rows_long)
     return token[:, None], ones, torch.isin(token, pipeline.eos_ids)
