@@ -347,9 +347,13 @@ def test_backend_name_and_environment(fake_flash, monkeypatch, fresh_seed):
     assert resolve_backend("auto", cpu, has_cuda_op=False, has_triton_op=False) == "torch"
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_generate_through_flash_matches_torch(fake_flash, speculative):
-    """Prefill (ragged), decode and (with n-gram drafts) ragged verify all go through the fake kernel."""
+@pytest.mark.parametrize("speculative,graphs", [(False, False), (True, False), (False, True)])
+def test_generate_through_flash_matches_torch(fake_flash, speculative, graphs):
+    """Prefill (ragged), decode and (with n-gram drafts) ragged verify all go through the fake kernel.
+
+    ``graphs``: decode steps run the CUDA-graph step (emulated eagerly on CPU): static row buffers whose
+    padding rows share a scratch slot, ``kv_len_bound`` = capacity.
+    """
     model = tiny_model("qwen2", torch.float32, seed=3)
     input_ids, mask = ragged_prompts(3, max_len=9, seed=3)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
@@ -360,7 +364,10 @@ def test_generate_through_flash_matches_torch(fake_flash, speculative):
     )
     assert not fake_flash.calls
     actual = effdecode.generate(
-        model, input_ids, decode_config=effdecode.DecodeConfig(attn_backend="flash_attn"), **kwargs
+        model,
+        input_ids,
+        decode_config=effdecode.DecodeConfig(attn_backend="flash_attn", cuda_graphs=graphs),
+        **kwargs,
     )
     assert torch.equal(actual, expected)
     layers = model.config.num_hidden_layers
@@ -368,6 +375,8 @@ def test_generate_through_flash_matches_torch(fake_flash, speculative):
     assert any(call.get("k") is None for call in fake_flash.calls), "no ragged call (the prefill is ragged)"
     if not speculative:
         assert any(call.get("k") is not None for call in fake_flash.calls), "no fused-append decode call"
+    if graphs:  # 3 rows run in the 4-row bucket
+        assert any(call["q"].shape[0] == 4 for call in fake_flash.calls), "no captured-step call"
 
 
 _REAL_FLASH = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
