@@ -41,7 +41,7 @@ def test_graph_steps_equal_eager_steps_with_rows_leaving(family):
     assert torch.equal(eager, replayed)
     runner = graphs_of(model)
     # 5 rows use bucket 8 (3 padding rows in the scratch slot); rows leaving use smaller buckets.
-    assert runner.captures >= 1 and (8, "auto") in runner.steps
+    assert runner.captures >= 1 and (8, 1, "auto") in runner.steps
     assert runner.cache.num_slots == 9
 
 
@@ -97,7 +97,7 @@ def test_captured_decode_matches_eager_on_gpu():
     eager = _run(model, ids, mask, graphs=False, new=48)
     replayed = _run(model, ids, mask, graphs=True, new=48)
     assert graphs_of(model).broken is None
-    assert graphs_of(model).steps[(8, "auto")].graph is not None
+    assert graphs_of(model).steps[(8, 1, "auto")].graph is not None
     assert torch.equal(eager, replayed)
 
 
@@ -109,3 +109,13 @@ def test_speculative_plain_steps_replay_graphs():
     replayed = _run(model, ids, mask, graphs=True, new=40, prompt_lookup_num_tokens=3)
     assert torch.equal(eager, replayed)
     assert graphs_of(model).captures >= 1
+
+
+def test_verify_forwards_replay_graphs_per_q_len():
+    """Verify forwards (q_len 1 + k, ragged drafts) replay graphs keyed by (bucket, q_len); same output."""
+    model = tiny_model("qwen2", torch.float64)
+    ids, mask = ragged_prompts(3, 10, seed=8)
+    eager = _run(model, ids, mask, graphs=False, new=30, assistant_model=model, num_assistant_tokens=3)
+    replayed = _run(model, ids, mask, graphs=True, new=30, assistant_model=model, num_assistant_tokens=3)
+    assert torch.equal(eager, replayed)
+    assert any(num_cols > 1 for _, num_cols, _ in graphs_of(model).steps)

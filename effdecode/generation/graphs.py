@@ -1,8 +1,9 @@
-"""CUDA graphs for decode steps: one captured q_len-1 forward per row-count bucket, reused across calls.
+"""CUDA graphs for decode and verify steps: one captured forward per (row bucket, q_len), reused across calls.
 
 A decode step launches hundreds of small kernels (every module of every layer); at small batch the GPU waits
 on the CPU between them. Capturing the step once per row-count bucket (1, 2, 4, ... 256) and replaying it
-removes that overhead. What a captured step needs, and how it gets it:
+removes that overhead. Decode steps have q_len 1; speculative verify forwards q_len 1 + k (right-aligned
+rows with fewer drafts are padded, as in the eager path). What a captured step needs, and how it gets it:
 
 - Static tensors: the step reads its tokens, positions and slots from buffers owned by the graph, and writes
   logits to a buffer owned by the graph; the engine copies into and out of them around ``replay``.
@@ -43,26 +44,28 @@ def bucket_for(rows: int) -> int | None:
 
 
 class _CapturedStep:
-    """Static inputs/outputs of one bucket and its graph (or, without CUDA, an eager stand-in)."""
+    """Static inputs/outputs of one (bucket, q_len) and its graph (or, without CUDA, an eager stand-in)."""
 
-    def __init__(self, model, cache: SlotKVCache, bucket: int, backend: str, pool) -> None:
+    def __init__(self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool) -> None:
         device = cache.device
         scratch = cache.num_slots - 1
-        self.input_ids = torch.zeros(bucket, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(bucket, 1, dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
+        self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
         self.rows = torch.full((bucket,), scratch, dtype=torch.int32, device=device)
-        ones = torch.ones(bucket, dtype=torch.int32, device=device)
+        self.q_lens = torch.full((bucket,), num_cols, dtype=torch.int32, device=device)
 
         def step() -> torch.Tensor:
             batch = SlotBatch(
                 self.rows,
                 cache.cache_lens,
-                ones,
+                self.q_lens,
                 kv_len_bound=cache.capacity,
                 backend=backend,
-                q_full=True,
+                q_full=num_cols == 1,
             )
-            return forward_logits(model, cache, batch, self.input_ids, self.positions)
+            return forward_logits(
+                model, cache, batch, self.input_ids, self.positions, last_only=num_cols == 1
+            )
 
         self._step = step
         self.graph = None
@@ -93,7 +96,7 @@ class DecodeGraphs:
 
     def __init__(self) -> None:
         self.cache: SlotKVCache | None = None
-        self.steps: dict[tuple[int, str], _CapturedStep] = {}
+        self.steps: dict[tuple[int, int, str], _CapturedStep] = {}
         self.pool = None
         self.captures = 0  # graphs captured over the model's life (tests, stats)
         self.broken: str | None = None  # why capture failed; the model then decodes eagerly
@@ -120,17 +123,17 @@ class DecodeGraphs:
         cache.positions.zero_()
         return cache
 
-    def step(self, model, rows: int, backend: str) -> _CapturedStep | None:
-        """The captured step for ``rows`` rows (captured on first use), or None if no bucket holds them."""
+    def step(self, model, rows: int, num_cols: int, backend: str) -> _CapturedStep | None:
+        """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None."""
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
             return None
-        key = (bucket, backend)
+        key = (bucket, num_cols, backend)
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
             try:
-                self.steps[key] = _CapturedStep(model, self.cache, bucket, backend, self.pool)
+                self.steps[key] = _CapturedStep(model, self.cache, bucket, num_cols, backend, self.pool)
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
                 warnings.warn(
@@ -142,20 +145,30 @@ class DecodeGraphs:
         return self.steps[key]
 
     def run(
-        self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
+        self,
+        model,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        backend: str,
+        q_lens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Replay the decode step for slots ``rows`` (int32 ``[B]``): logits ``[B, V]``, or None if none fits.
+        """Replay the step for slots ``rows`` (int32 ``[B]``), or return None if no bucket holds them.
 
-        ``tokens`` int64 ``[B]`` and ``positions`` int64 ``[B]`` are each row's input token and position.
+        Decode: ``tokens``/``positions`` int64 ``[B]``; returns logits ``[B, V]``. Verify: ``[B, T]``
+        right-aligned with ``q_lens`` int32 ``[B]``; returns every column's logits ``[B, T, V]``.
         """
         num_rows = rows.shape[0]
-        step = self.step(model, num_rows, backend)
+        num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
+        step = self.step(model, num_rows, num_cols, backend)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
         step.rows[num_rows:].fill_(self.cache.num_slots - 1)  # padding rows write into the scratch slot
-        step.input_ids[:num_rows, 0].copy_(tokens)
-        step.positions[:num_rows, 0].copy_(positions)
+        step.input_ids[:num_rows].copy_(tokens.view(num_rows, num_cols))
+        step.positions[:num_rows].copy_(positions.view(num_rows, num_cols))
+        if q_lens is not None:
+            step.q_lens[:num_rows].copy_(q_lens)
         return step.replay()[:num_rows]
 
     def release(self) -> None:

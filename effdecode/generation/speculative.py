@@ -211,7 +211,7 @@ def run_speculative(
         KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
     )
     geometry = KVGeometry.from_config(model.config)
-    # Plain (q_len 1) steps replay CUDA graphs like the plain loop; verify forwards run eagerly.
+    # Plain and verify steps replay CUDA graphs (per row bucket and q_len) like the plain loop.
     graphs = (
         graphs_of(model)
         if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o")
@@ -408,9 +408,13 @@ def run_speculative(
                     last_tokens, rows_long, drafts, draft_lens, step_cols, cache.positions
                 )
                 batch = SlotBatch(rows, cache.cache_lens, q_lens, kv_len_bound=target_bound, backend=backend)
-                logits = forward_logits(
-                    model, cache, batch, verify_ids, position_ids, last_only=False, scores=step_scores
-                )
+                logits = None
+                if graphs is not None and step_scores is None:
+                    logits = graphs.run(model, rows, verify_ids, position_ids, backend, q_lens=q_lens)
+                if logits is None:
+                    logits = forward_logits(
+                        model, cache, batch, verify_ids, position_ids, last_only=False, scores=step_scores
+                    )
                 scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
                 not_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
                 if sampling:
