@@ -16,9 +16,8 @@ import time
 import numpy as np
 import torch
 
-from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
-from effdecode.generation.graphs import graphs_of
+from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest
@@ -61,17 +60,7 @@ def run_generation(
     capacity = (
         KVCompressor.capacity_for(config, max_prompt, needed) + probe_room if config.compresses else needed
     )
-    geometry = KVGeometry.from_config(model.config)
-    # CUDA graphs replay plain decode steps; steps that emit attention scores (h2o always) stay eager.
-    graphs = (
-        graphs_of(model)
-        if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o")
-        else None
-    )
-    if graphs is not None:
-        cache = graphs.cache_for(model, geometry, batch_size, capacity, model.dtype, device)
-    else:
-        cache = SlotKVCache(geometry, batch_size, capacity, model.dtype, device)
+    cache, graphs = decode_cache(model, config, batch_size, capacity)
     compressor = (
         KVCompressor(
             config, cache, request.prompt_lens, (lambda: thinking.spans) if thinking is not None else None

@@ -178,6 +178,22 @@ class DecodeGraphs:
         self.pool = None
 
 
+def decode_cache(
+    model: torch.nn.Module, config, rows: int, capacity: int
+) -> tuple[SlotKVCache, DecodeGraphs | None]:
+    """The target's cache for a call, and the model's graphs when its steps replay them (else None).
+
+    With graphs the cache is the model's persistent one (graphs point at it); forwards that always emit
+    attention scores (``kv_policy="h2o"``) cannot replay a graph, so such calls get a fresh cache.
+    """
+    device = model.device
+    geometry = KVGeometry.from_config(model.config)
+    if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o"):
+        graphs = graphs_of(model)
+        return graphs.cache_for(model, geometry, rows, capacity, model.dtype, device), graphs
+    return SlotKVCache(geometry, rows, capacity, model.dtype, device), None
+
+
 def graphs_of(model: torch.nn.Module) -> DecodeGraphs:
     """The model's :class:`DecodeGraphs`, created on first use."""
     graphs = getattr(model, _ATTR, None)

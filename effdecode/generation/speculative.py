@@ -18,7 +18,7 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
-from effdecode.generation.graphs import graphs_of
+from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
@@ -210,17 +210,7 @@ def run_speculative(
     target_capacity = (
         KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
     )
-    geometry = KVGeometry.from_config(model.config)
-    # Plain and verify steps replay CUDA graphs (per row bucket and q_len) like the plain loop.
-    graphs = (
-        graphs_of(model)
-        if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o")
-        else None
-    )
-    if graphs is not None:
-        cache = graphs.cache_for(model, geometry, batch_size, target_capacity, model.dtype, device)
-    else:
-        cache = SlotKVCache(geometry, batch_size, target_capacity, model.dtype, device)
+    cache, graphs = decode_cache(model, config, batch_size, target_capacity)
     compressor = KVCompressor(config, cache, request.prompt_lens) if config.compresses else None
     backend = config.attn_backend
     pipeline = LogitsPipeline(request, device)
