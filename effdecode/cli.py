@@ -1,4 +1,4 @@
-"""``effdecode`` command line: ``effdecode demo``."""
+"""``effdecode`` command line: ``effdecode demo`` and ``effdecode eval``."""
 
 from __future__ import annotations
 
@@ -8,22 +8,21 @@ import sys
 import torch
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _random_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
     from effdecode.demo import build_demo_model, demo_prompts, run_side_by_side
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    new_tokens = args.new_tokens or 128
     model = build_demo_model(args.layers, args.hidden, args.vocab, dtype=dtype, device=device)
     print(
         f"model: random Llama, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype} on {device}"
     )
-    print(f"prompts: up to {args.prompt_len} tokens (left-padded), {args.new_tokens} new tokens, greedy\n")
+    print(f"prompts: up to {args.prompt_len} tokens (left-padded), {new_tokens} new tokens, greedy\n")
     print(f"{'batch':>5}  {'HF tok/s':>9}  {'effdecode tok/s':>15}  {'speedup':>7}  outputs match")
     all_match = True
     for batch_size in args.batch_sizes:
         input_ids, mask = demo_prompts(batch_size, args.prompt_len, args.vocab, device=device)
-        result = run_side_by_side(model, input_ids, mask, max_new_tokens=args.new_tokens, do_sample=False)
+        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False)
         all_match &= result.outputs_match
         print(
             f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
@@ -32,19 +31,107 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all_match else 1
 
 
+def _reasoner_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
+    import effdecode
+    from effdecode.demo import reasoner_prompts, run_side_by_side
+    from effdecode.workloads import extract_answer, load_reasoner
+
+    new_tokens = args.new_tokens or 400
+    model, tokenizer = load_reasoner("target", device=device, dtype=dtype)
+    draft, _ = load_reasoner("draft", device=device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    draft_params = sum(p.numel() for p in draft.parameters()) / 1e6
+    print(
+        f"model: shipped arithmetic reasoner (Llama, {params:.1f}M parameters; draft {draft_params:.2f}M), "
+        f"{args.dtype} on {device}"
+    )
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    problems, input_ids, mask = reasoner_prompts(tokenizer, 1, seed=args.seed, levels=(4,), device=device)
+    out = effdecode.generate(model, input_ids, attention_mask=mask, max_new_tokens=400, **ids)
+    completion = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+    print("\nproblem, reasoning and answer (greedy, effdecode):")
+    for line in (problems[0].prompt + completion).splitlines():
+        print(f"  | {line}")
+    verdict = "correct" if extract_answer(completion) == problems[0].answer else "WRONG"
+    print(f"  expected {problems[0].answer}: {verdict}\n")
+    print(f"prompts: held-out problems of levels 1-4 (left-padded), up to {new_tokens} new tokens, greedy\n")
+    print(f"{'batch':>5}  {'HF tok/s':>9}  {'effdecode tok/s':>15}  {'speedup':>7}  outputs match")
+    all_match = True
+    for batch_size in args.batch_sizes:
+        _, input_ids, mask = reasoner_prompts(tokenizer, batch_size, seed=args.seed, device=device)
+        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False, **ids)
+        all_match &= result.outputs_match
+        print(
+            f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
+            f"{result.speedup:>6.2f}x  {'yes' if result.outputs_match else 'NO'}"
+        )
+    batch_size = max(args.batch_sizes)
+    _, input_ids, mask = reasoner_prompts(tokenizer, batch_size, seed=args.seed, device=device)
+    for label, extra in (
+        ("draft model, 4 tokens", dict(assistant_model=draft, num_assistant_tokens=4)),
+        ("prompt lookup, 4 tokens", dict(prompt_lookup_num_tokens=4)),
+    ):
+        out = effdecode.generate(
+            model,
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            return_dict_in_generate=True,
+            **ids,
+            **extra,
+        )
+        stats = out.stats
+        print(
+            f"speculative ({label}), batch {batch_size}: {stats.tokens_per_s:.0f} tok/s, acceptance "
+            f"{stats.draft_acceptance_rate:.0%}, "
+            f"{stats.tokens_per_target_forward:.2f} tokens per target forward"
+        )
+    return 0 if all_match else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.model == "random":
+        return _random_demo(args, device, dtype)
+    return _reasoner_demo(args, device, dtype)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from effdecode.eval import main as eval_main
+
+    return eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdecode", description="Fast batched decoding for HF causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run HF generate and effdecode side by side on a small model")
+    demo.add_argument(
+        "--model",
+        choices=["reasoner", "random"],
+        default="reasoner",
+        help="the shipped arithmetic reasoner (default) or a random Llama (--layers, --hidden, --vocab)",
+    )
     demo.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    demo.add_argument("--prompt-len", type=int, default=32)
-    demo.add_argument("--new-tokens", type=int, default=128)
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--hidden", type=int, default=128)
-    demo.add_argument("--vocab", type=int, default=1024)
+    demo.add_argument("--new-tokens", type=int, default=None, help="default: 400 (reasoner), 128 (random)")
+    demo.add_argument("--seed", type=int, default=0, help="which held-out problems the reasoner gets")
+    demo.add_argument("--prompt-len", type=int, default=32, help="random model only")
+    demo.add_argument("--layers", type=int, default=4, help="random model only")
+    demo.add_argument("--hidden", type=int, default=128, help="random model only")
+    demo.add_argument("--vocab", type=int, default=1024, help="random model only")
     demo.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.set_defaults(handler=_demo)
+    from effdecode.eval import add_arguments as add_eval_arguments
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="accuracy and cost of decoding options on held-out arithmetic reasoning problems",
+        description="Run held-out arithmetic problems through effdecode.generate with any decoding options.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""A small model and a side-by-side run of transformers' ``generate`` and effdecode.
+"""Demo models and a side-by-side run of transformers' ``generate`` and effdecode.
 
-Used by ``effdecode demo`` and by the end-to-end benchmark. The model is a random Llama built from a config
-(nothing is downloaded), initialised with a wide weight spread so its greedy choices are clear-cut and the
-two engines' outputs can be compared token for token.
+Used by ``effdecode demo`` and by the end-to-end benchmark. The demo's default model is the shipped arithmetic
+reasoner (:func:`effdecode.workloads.load_reasoner`, with :func:`reasoner_prompts`); ``build_demo_model`` is
+a random Llama built from a config (nothing is downloaded), initialised with a wide weight spread so its
+greedy choices are clear-cut and the two engines' outputs can be compared token for token.
 """
 
 from __future__ import annotations
@@ -117,3 +118,23 @@ def run_side_by_side(
         effdecode_seconds=effdecode_seconds,
         outputs_match=bool(torch.equal(actual.sequences, expected)),
     )
+
+
+def reasoner_prompts(
+    tokenizer, batch_size: int, seed: int = 0, levels=(1, 2, 3, 4), device: str | torch.device = "cpu"
+) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Held-out arithmetic problems (levels in turn) and their left-padded prompts for the reasoner.
+
+    Returns
+    -------
+    problems : list of effdecode.workloads.Problem
+    input_ids, attention_mask : torch.Tensor
+        ``[batch_size, T]``.
+    """
+    from effdecode.workloads import generate_problems
+
+    problems = generate_problems(batch_size, levels=levels, seed=seed, split="test")
+    encoded = tokenizer(
+        [p.prompt for p in problems], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    return problems, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)

@@ -1,7 +1,9 @@
 """The shipped reasoner models (a target and its draft) and their architectures.
 
-Both are plain ``Qwen2ForCausalLM`` checkpoints (fp16 safetensors) with the workload tokenizer, stored in
-the package under ``effdecode/workloads/models/<name>/`` and trained by ``benchmarks/reasoning/train.py``.
+Both are trained as ``Qwen2ForCausalLM`` by ``benchmarks/reasoning/train.py`` and shipped as the identical
+``LlamaForCausalLM`` (q/k/v biases, zero o_proj bias; fp16 safetensors) with the workload tokenizer under
+``effdecode/workloads/models/<name>/``. Llama because ``AutoTokenizer`` would load a ``qwen2`` checkpoint's
+tokenizer as ``Qwen2Tokenizer`` with a byte-level pre-tokenizer instead of the saved character one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REASONER_NAMES = ("target", "draft")
 
-# Architectures (Qwen2, tied embeddings); the vocabulary size comes from the tokenizer.
+# Architectures (Qwen2 during training, tied embeddings); the vocabulary size comes from the tokenizer.
 ARCHITECTURES: dict[str, dict] = {
     "target": dict(
         hidden_size=256,
@@ -90,7 +92,7 @@ def load_reasoner(
 
     Returns
     -------
-    model : transformers.Qwen2ForCausalLM
+    model : transformers.LlamaForCausalLM
         In eval mode, its ``generation_config`` carrying the pad and EOS ids.
     tokenizer : transformers.PreTrainedTokenizerFast
         Left padding; ``pad_token_id`` and ``eos_token_id`` set.
