@@ -253,7 +253,7 @@ def plot(path: Path = RESULTS / "training-loss.png") -> Path:
         if not log_path.is_file():
             continue
         log = json.loads(log_path.read_text())
-        minutes = log.get("train_wall_s", log["wall_s"][-1]) / 60
+        minutes = log.get("active_train_wall_s", log.get("train_wall_s", log["wall_s"][-1])) / 60
         label = f"{name} ({log['params'] / 1e6:.2f}M params, {minutes:.1f} min)"
         (line,) = axis.plot(log["steps"], log["loss"], label=label)
         offset = log["steps"][-1]
