@@ -76,6 +76,10 @@ class DecodeConfig:
     early_exit_probe : str or list[int]
         Appended for the trial answer; must contain ``think_end`` (it becomes the row's own text when the
         probe is confident).
+    early_exit_replace_trigger : bool
+        The probe replaces the trigger instead of following it (as the DEER paper does): a confident probe's
+        text takes the trigger's place; otherwise the trigger is fed again and the row goes on. Appending
+        (the default) leaves e.g. "Wait" right before ``think_end``, a context a model may never have seen.
     early_exit_answer_tokens : int
         Answer tokens decoded greedily per probe.
     early_exit_threshold : float
@@ -102,6 +106,7 @@ class DecodeConfig:
     early_exit_triggers: list = field(default_factory=lambda: ["Wait", "\n\n"])
     early_exit_probe: ThinkMarker = "\n</think>\n\nThe final answer is "
     early_exit_answer_tokens: int = 4
+    early_exit_replace_trigger: bool = False
     early_exit_threshold: float = 0.95
     early_exit_confidence: str = "mean"
 

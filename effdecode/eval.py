@@ -27,6 +27,8 @@ from effdecode.workloads.problems import LEVELS, THINK_END, Problem, extract_ans
 
 # Strings of the workload's trace format used by the early-exit probe and the thinking budget.
 EARLY_EXIT_PROBE = "\n</think>\nAnswer: "
+# Replacing the trigger (which starts a line), the probe starts where the trigger did.
+EARLY_EXIT_PROBE_REPLACING = "</think>\nAnswer: "
 EARLY_EXIT_TRIGGERS = ("Wait",)
 THINK_END_PREFIX = "\n"
 
@@ -71,6 +73,7 @@ class EvalOptions:
     early_exit_threshold: float = 0.95
     early_exit_triggers: tuple[str, ...] = EARLY_EXIT_TRIGGERS
     early_exit_answer_tokens: int = 4
+    early_exit_replace: bool = False
     draft: str | None = None
     num_draft_tokens: int = 4
     prompt_lookup: int | None = None
@@ -105,7 +108,8 @@ class EvalOptions:
             think_end_prefix=THINK_END_PREFIX if self.thinking_budget is not None else None,
             early_exit="deer" if self.early_exit else None,
             early_exit_triggers=list(self.early_exit_triggers),
-            early_exit_probe=EARLY_EXIT_PROBE,
+            early_exit_probe=EARLY_EXIT_PROBE_REPLACING if self.early_exit_replace else EARLY_EXIT_PROBE,
+            early_exit_replace_trigger=self.early_exit_replace,
             early_exit_answer_tokens=self.early_exit_answer_tokens,
             early_exit_threshold=self.early_exit_threshold,
         )
@@ -118,7 +122,8 @@ class EvalOptions:
         if self.thinking_budget is not None:
             parts.append(f"think<={self.thinking_budget}")
         if self.early_exit:
-            parts.append(f"early exit {self.early_exit_threshold:g}")
+            mode = " (replace trigger)" if self.early_exit_replace else ""
+            parts.append(f"early exit {self.early_exit_threshold:g}{mode}")
         if self.draft is not None:
             parts.append(f"draft {self.draft} k={self.num_draft_tokens}")
         if self.prompt_lookup is not None:
@@ -327,7 +332,8 @@ class SweepGrid:
     early_exit_thresholds: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
 
     def configurations(self, base: EvalOptions) -> list[tuple[str, EvalOptions]]:
-        """``(family, options)`` pairs: "baseline", "kv", "thinking_budget", "early_exit"."""
+        """``(family, options)`` pairs: "baseline", "kv", "thinking_budget", "early_exit",
+        "early_exit_replace" (the probe replaces its trigger)."""
         plain = replace(base, kv_budget=None, thinking_budget=None, early_exit=False)
         grid = [("baseline", plain)]
         for policy in self.kv_policies:
@@ -337,6 +343,11 @@ class SweepGrid:
             grid.append(("thinking_budget", replace(plain, thinking_budget=budget)))
         for threshold in self.early_exit_thresholds:
             grid.append(("early_exit", replace(plain, early_exit=True, early_exit_threshold=threshold)))
+        for threshold in self.early_exit_thresholds:
+            replacing = replace(
+                plain, early_exit=True, early_exit_threshold=threshold, early_exit_replace=True
+            )
+            grid.append(("early_exit_replace", replacing))
         return grid
 
 
@@ -431,7 +442,16 @@ def plot_sweep(rows: Sequence[dict], path: str | Path) -> Path:
     left.set_xlabel("KV budget (entries per row and layer)")
     left.set_ylabel("accuracy")
     left.set_title("Accuracy vs KV budget")
-    for family, marker, key in (("thinking_budget", "s", "thinking_budget"), ("early_exit", "^", None)):
+    labels = {
+        "thinking_budget": "thinking budget",
+        "early_exit": "early exit, probe after trigger (threshold)",
+        "early_exit_replace": "early exit, probe replaces trigger (threshold)",
+    }
+    for family, marker, key in (
+        ("thinking_budget", "s", "thinking_budget"),
+        ("early_exit", "^", None),
+        ("early_exit_replace", "v", None),
+    ):
         points = sorted(
             (row["mean_new_tokens"], row["accuracy"], row["options"][key or "early_exit_threshold"])
             for row in done
@@ -439,8 +459,7 @@ def plot_sweep(rows: Sequence[dict], path: str | Path) -> Path:
         )
         if not points:
             continue
-        label = "thinking budget" if family == "thinking_budget" else "early exit (threshold)"
-        right.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        right.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=labels[family])
         for x, y, value in points:
             right.annotate(f"{value:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     right.set_xlabel("mean new tokens per problem")
@@ -510,6 +529,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dc.add_argument("--thinking-budget", type=_int_or_none, default=None)
     dc.add_argument("--early-exit", action="store_true", help="DEER early exit of thinking")
     dc.add_argument("--early-exit-threshold", type=float, default=0.95)
+    dc.add_argument(
+        "--early-exit-replace",
+        action="store_true",
+        help="the probe replaces the trigger (DEER) instead of following it",
+    )
     dc.add_argument("--early-exit-triggers", nargs="+", default=list(EARLY_EXIT_TRIGGERS))
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
@@ -547,6 +571,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         thinking_budget=args.thinking_budget,
         early_exit=args.early_exit,
         early_exit_threshold=args.early_exit_threshold,
+        early_exit_replace=args.early_exit_replace,
         early_exit_triggers=tuple(args.early_exit_triggers),
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,

@@ -302,3 +302,46 @@ def test_bad_call_raises():
                 early_exit_triggers=[[3]],
             ),
         )
+
+
+def _replace_config(triggers):
+    cfg = _deer_config(triggers)
+    cfg.early_exit_replace_trigger = True
+    return cfg
+
+
+def test_replacing_probe_takes_the_triggers_place_when_confident():
+    model = _rigged(50.0)
+    ids, mask = ragged_prompts(3, 10, seed=1)
+    plain = _generate(model, ids, mask, 30)
+    width = ids.shape[1]
+    trigger = plain.sequences[0, width + 2 : width + 4].tolist()  # a two-token trigger: row 0's tokens 3-4
+    out = _generate(model, ids, mask, 30, _replace_config([trigger]))
+    assert out.stats.early_exits[0] == 1
+    new = out.sequences[0, width:]
+    assert torch.equal(new[:2], plain.sequences[0, width : width + 2])  # the trigger itself is gone
+    assert new[2:5].tolist() == [5, 7, 6]
+    assert out.stats.thinking_tokens[0] == 2
+    prefix = torch.cat([ids[0, width - int(mask[0].sum()) :], new[:5]])[None]
+    cont = effdecode.generate(model, prefix, max_new_tokens=30 - 5, do_sample=False)
+    assert torch.equal(cont[0, prefix.shape[1] :], new[5:])
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_replacing_probe_rolls_back_exactly_when_unconfident(kv):
+    model = _rigged(1e-3)
+    ids, mask = ragged_prompts(3, 10, seed=1)
+    base = DecodeConfig(kv_policy="h2o", **SMALL) if kv else DecodeConfig()
+    plain = _generate(model, ids, mask, 40, base)
+    width = ids.shape[1]
+    triggers = [plain.sequences[row, width + 1 : width + 3].tolist() for row in range(3)]
+    cfg = _replace_config(triggers + [[plain.sequences[0, width + 20].item()]])
+    if kv:
+        for name, value in SMALL.items():
+            setattr(cfg, name, value)
+        cfg.kv_policy = "h2o"
+    out = _generate(model, ids, mask, 40, cfg)
+    assert out.stats.early_exits == [0, 0, 0]
+    assert torch.equal(out.sequences, plain.sequences)  # the trigger was fed again, nothing else changed
+    assert out.stats.evicted_tokens == plain.stats.evicted_tokens
+    assert max(out.stats.target_row_forwards) > 40

@@ -125,6 +125,8 @@ def run_generation(
                 emission = thinking.after_choose(
                     next_tokens, rows_long, rows_host, new_tokens[rows_long], cache
                 )
+                if emission.rewind is not None:  # a confident probe takes its trigger's place
+                    new_tokens[rows_long] -= emission.rewind
                 _append_emission(sequences, rows_long, prompt_width + new_tokens[rows_long], emission)
                 new_tokens[rows_long] += emission.counts
                 width_bound += emission.tokens.shape[1]
@@ -178,8 +180,15 @@ def run_generation(
                 full = new_tokens[rows_long] >= max_new
                 leaving = (done | full) if rows_leave else full
             if thinking is not None:
-                sync = torch.stack([leaving, triggered, thinking.confident[rows_long]]).cpu().numpy()
-                leaving_host, triggered_host, confident_host = sync[0], sync[1], sync[2]
+                sync = (
+                    torch.stack([leaving.long(), triggered, thinking.confident[rows_long].long()])
+                    .cpu()
+                    .numpy()
+                )
+                leaving_host, triggered_host, confident_host = sync[0].astype(bool), sync[1], sync[2]
+                thinking.probes_decided(
+                    rows_host[thinking.decided_host], confident_host[thinking.decided_host]
+                )
             else:
                 leaving_host = leaving.cpu().numpy() if leaving is not None else None  # the step's one sync
             if compressor is not None and thinking is not None:
@@ -218,22 +227,26 @@ def run_generation(
                 compressor.compact(compressor.due(candidates))
             num_rows = rows.shape[0]
             if thinking is not None:
-                thinking.start_probes(rows_host, triggered_host.astype(bool))
+                thinking.start_probes(rows_host, triggered_host)
                 if compressor is not None and compressor.scores is not None:
                     for slot in rows_host[thinking.starting[rows_host]].tolist():
                         probe_scores[slot] = compressor.scores[:, slot].clone()
                 if compressor is not None:
+                    # A probe that replaces its trigger starts over the trigger's entries.
+                    compressor.lens[rows_host] -= thinking.cache_rewind(rows_host)
                     thinking.base_host[rows_host] = np.where(
                         thinking.starting[rows_host],
                         compressor.lens[rows_host],
                         thinking.base_host[rows_host],
                     )
-                input_ids_step, q_lens = thinking.forward_inputs(next_tokens, rows_long, rows_host, cache)
+                ends = prompt_width + new_tokens[rows_long] - 1
+                input_ids_step, q_lens, incoming = thinking.forward_inputs(
+                    next_tokens, rows_long, rows_host, cache, sequences, ends
+                )
             else:
-                input_ids_step, q_lens = next_tokens[:, None], one_token[:num_rows]
+                input_ids_step, q_lens, incoming = next_tokens[:, None], one_token[:num_rows], 1
             num_cols = input_ids_step.shape[1]
             if compressor is not None:
-                incoming = np.where(thinking.starting[rows_host], num_cols, 1) if thinking is not None else 1
                 kv_len_bound = int(compressor.lens[rows_host].max()) + num_cols
                 step_scores = compressor.scores_for(rows_host, incoming)
             else:

@@ -47,6 +47,7 @@ class ThinkingPlan:
     answer_tokens: int
     threshold: float
     geometric: bool
+    replace_trigger: bool = False
 
     @property
     def early_exit(self) -> bool:
@@ -91,6 +92,7 @@ def thinking_plan(config: DecodeConfig, tokenizer) -> ThinkingPlan | None:
         answer_tokens=config.early_exit_answer_tokens,
         threshold=config.early_exit_threshold,
         geometric=config.early_exit_confidence == "geometric",
+        replace_trigger=config.early_exit_replace_trigger,
     )
 
 
@@ -106,11 +108,15 @@ class StepEmission:
         int64 ``[B]``: tokens emitted (0 for a row in the middle of a probe).
     feed : torch.Tensor
         int64 ``[B]``: the token each row feeds to the next forward.
+    rewind : torch.Tensor or None
+        int64 ``[B]``: tokens taken back from the row's end before ``tokens`` are written (a confident probe
+        that replaces its trigger); None for none.
     """
 
     tokens: torch.Tensor
     counts: torch.Tensor
     feed: torch.Tensor
+    rewind: torch.Tensor | None = None
 
 
 class ThinkingController:
@@ -167,6 +173,10 @@ class ThinkingController:
         self.stage = np.zeros(slots, dtype=np.int64)
         self.armed = np.zeros(slots, dtype=bool)
         self.starting = np.zeros(slots, dtype=bool)
+        # Replace mode: trigger length per probing slot, and rows that feed their trigger again after a
+        # rolled-back probe (its entries were overwritten by the probe).
+        self.trigger_len_host = np.zeros(slots, dtype=np.int64)
+        self.refeed = np.zeros(slots, dtype=bool)
         self.decided_host = np.zeros(0, dtype=bool)  # over the last step's rows: probes decided in it
         self.base_host = np.zeros(slots, dtype=np.int64)  # host copy of base_len, kept by the engine
         if plan.early_exit:
@@ -176,6 +186,7 @@ class ThinkingController:
             self.answer_logits = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
             self.confidence = torch.zeros(slots, dtype=torch.float32, device=device)
             self.answer_token = torch.zeros(slots, dtype=torch.long, device=device)
+            self.trigger_len = torch.zeros(slots, dtype=torch.long, device=device)
 
     # -- hooks of the plain loop, in call order ------------------------------------------------------------
 
@@ -268,19 +279,32 @@ class ThinkingController:
         counts = torch.where(confident, width + 1, 1)
         counts = torch.where(in_probe, 0, counts)
         feed = torch.where(in_probe, self.answer_token[rows], token)
+        rewind = None
+        if plan.replace_trigger:
+            # The probe took the trigger's place: a confident one replaces it in the text; a rolled-back one
+            # emits nothing now and feeds the trigger again (see forward_inputs).
+            trigger = torch.where(deciding, self.trigger_len[rows], 0)
+            rewind = torch.where(confident, trigger, 0)
+            counts = torch.where(deciding & ~confident, 0, counts)
+            self.thought[rows] -= rewind
+        else:
+            trigger = torch.zeros_like(counts)
         # A confident probe closes the span at the probe's think_end.
-        end_position = self.prompt_lens[rows] + new_tokens + plan.probe_end_at - self.end_ids.shape[0]
+        end_position = (
+            self.prompt_lens[rows] + new_tokens - trigger + plan.probe_end_at - self.end_ids.shape[0]
+        )
         self._close(rows, confident, end_position)
         self.early_exits[rows] += confident.long()
         self.confidence[rows] = torch.where(deciding, 0.0, self.confidence[rows])
         self.stage[rows_host[deciding_host]] = 0
-        return StepEmission(tokens, counts.long(), feed)
+        return StepEmission(tokens, counts.long(), feed, rewind)
 
     def after_append(
         self, sequences: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray, ends: torch.Tensor,
         new_tokens: torch.Tensor, emission: StepEmission,
     ) -> torch.Tensor:  # fmt: skip
-        """Track span markers after the step's tokens were appended; bool ``[B]``: rows that should probe.
+        """Track span markers after the step's tokens were appended; int64 ``[B]``: the length of the trigger
+        each row just generated (0: none; such rows should probe).
 
         ``ends`` int64 ``[B]`` is each row's last column in ``sequences``; ``new_tokens`` counts after the
         append.
@@ -295,39 +319,87 @@ class ThinkingController:
             start = torch.stack([position_after, torch.full_like(position_after, OPEN_END)], dim=1)
             self.spans[rows] = torch.where(opened[:, None], start, self.spans[rows])
         if not self.plan.early_exit:
-            return torch.zeros_like(single)
+            return torch.zeros_like(emission.counts)
         eligible = self.thinking[rows] & single & (self.force_step[rows] < 0)
         eligible &= torch.as_tensor(self.stage[rows_host] == 0, device=self.device)
-        hit = torch.zeros_like(eligible)
-        for trigger in self.triggers:
-            hit |= ends_with(sequences, rows, ends, trigger)
-        return eligible & hit
+        hit = torch.zeros_like(emission.counts)
+        for trigger in self.triggers:  # the longest trigger that matches
+            matched = ends_with(sequences, rows, ends, trigger)
+            hit = torch.where(matched, torch.clamp(hit, min=trigger.shape[0]), hit)
+        return torch.where(eligible, hit, 0)
 
-    def start_probes(self, rows_host: np.ndarray, triggered_host: np.ndarray) -> None:
-        """Rows that generated a trigger arm a probe (host decision from the step's sync)."""
-        if self.plan.early_exit:
-            self.armed[rows_host[triggered_host]] = True
-            self.probes += int(triggered_host.sum())
+    def probes_decided(self, slots: np.ndarray, confident_host: np.ndarray) -> None:
+        """After the sync: rolled-back probes that replaced their trigger feed it again next forward."""
+        if self.plan.replace_trigger:
+            self.refeed[slots[~confident_host.astype(bool)]] = True
+
+    def start_probes(self, rows_host: np.ndarray, trigger_lens_host: np.ndarray) -> None:
+        """Rows that generated a trigger (its length in tokens, 0 for none; from the step's sync) probe.
+
+        Appending, the row first feeds its trigger (armed); replacing, the probe starts with the next forward.
+        """
+        if not self.plan.early_exit:
+            return
+        triggered = trigger_lens_host > 0
+        self.probes += int(triggered.sum())
+        if self.plan.replace_trigger:
+            self.starting[rows_host[triggered]] = True
+            self.trigger_len_host[rows_host[triggered]] = trigger_lens_host[triggered]
+        else:
+            self.armed[rows_host[triggered]] = True
+
+    def cache_rewind(self, rows_host: np.ndarray) -> np.ndarray:
+        """Entries a starting probe takes back from each row's cache (the trigger's tokens already in it)."""
+        if not self.plan.replace_trigger:
+            return np.zeros(len(rows_host), dtype=np.int64)
+        return np.where(self.starting[rows_host], self.trigger_len_host[rows_host] - 1, 0)
 
     def forward_inputs(
-        self, feed: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray, cache
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids [B, T], q_lens int32 [B])`` of the next forward.
+        self,
+        feed: torch.Tensor,
+        rows: torch.Tensor,
+        rows_host: np.ndarray,
+        cache,
+        sequences: torch.Tensor,
+        ends: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """``(input_ids [B, T], q_lens int32 [B], q_lens on the host)`` of the next forward.
 
-        Rows starting a probe feed the probe text (right-aligned, ``T = P``); the others one token.
+        Rows starting a probe feed the probe text (replacing: from the trigger's first entry on), rows whose
+        replaced trigger was rolled back feed their trigger again (its last tokens in ``sequences``, ending at
+        column ``ends[b]``), the others one token; all right-aligned.
         """
-        starting_host = self.starting[rows_host] if self.plan.early_exit else None
-        if starting_host is None or not starting_host.any():
-            return feed[:, None], torch.ones(rows.shape[0], dtype=torch.int32, device=self.device)
+        ones = np.ones(len(rows_host), dtype=np.int64)
+        if not self.plan.early_exit:
+            return feed[:, None], torch.ones(rows.shape[0], dtype=torch.int32, device=self.device), ones
+        starting_host = self.starting[rows_host]
+        refeed_host = self.refeed[rows_host]
+        if not (starting_host.any() or refeed_host.any()):
+            return feed[:, None], torch.ones(rows.shape[0], dtype=torch.int32, device=self.device), ones
         width = self.probe_width
+        lens_host = np.where(starting_host, width, np.where(refeed_host, self.trigger_len_host[rows_host], 1))
+        num_cols = int(lens_host.max())
         starting = torch.as_tensor(starting_host, device=self.device)
+        if self.plan.replace_trigger:
+            rewind = torch.as_tensor(self.cache_rewind(rows_host), device=self.device)
+            self.trigger_len[rows] = torch.as_tensor(self.trigger_len_host[rows_host], device=self.device)
+            cache.cache_lens[rows] -= rewind.to(torch.int32)
+            cache.positions[rows] -= rewind
         self.base_len[rows] = torch.where(starting, cache.cache_lens[rows], self.base_len[rows])
         self.base_position[rows] = torch.where(starting, cache.positions[rows], self.base_position[rows])
-        probe = self.probe_ids[None, :].expand(rows.shape[0], -1)
-        plain = torch.cat([torch.zeros_like(probe[:, 1:]), feed[:, None]], dim=1)
-        input_ids = torch.where(starting[:, None], probe, plain)
-        q_lens = torch.where(starting, width, 1).to(torch.int32)
-        return input_ids, q_lens
+        # Each row's feed, right-aligned in num_cols columns: the tail of its sequence (refeed), else feed.
+        columns = torch.arange(num_cols, device=self.device)
+        tail = sequences[rows[:, None], (ends[:, None] - (num_cols - 1) + columns[None, :]).clamp(min=0)]
+        input_ids = torch.where(torch.as_tensor(refeed_host, device=self.device)[:, None], tail, 0)
+        input_ids[:, -1] = torch.where(
+            torch.as_tensor(refeed_host, device=self.device), input_ids[:, -1], feed
+        )
+        if starting_host.any():  # then num_cols >= width
+            probe = self.probe_ids[None, :].expand(rows.shape[0], -1)
+            last = input_ids[:, num_cols - width :]
+            input_ids[:, num_cols - width :] = torch.where(starting[:, None], probe, last)
+        q_lens = torch.as_tensor(lens_host, device=self.device).to(torch.int32)
+        return input_ids, q_lens, lens_host
 
     def after_forward(self, logits: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray) -> None:
         """Advance probe states after a forward whose last-column logits are ``logits`` ``[B, V]``."""
@@ -342,6 +414,7 @@ class ThinkingController:
         self.stage[rows_host] += (self.stage[rows_host] > 0) | starting_host
         self.starting[rows_host] = self.armed[rows_host]
         self.armed[rows_host] = False
+        self.refeed[rows_host] = False
 
     # -- helpers -------------------------------------------------------------------------------------------
 
