@@ -45,7 +45,7 @@ from effdecode.cache import free_memory_bytes
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # effdecode runs float32/float64 on CPU
-ALL_MODES = ("effdecode", "effdecode_flash", "hf", "hf_compile")
+ALL_MODES = ("effdecode", "effdecode_graphs", "effdecode_flash", "hf", "hf_compile")
 
 
 def _env_list(name: str, default: list[str]) -> list[str]:
@@ -142,6 +142,8 @@ def _runner(mode: str, model: torch.nn.Module, input_ids: torch.Tensor, mask: to
             kwargs["compile_config"] = CompileConfig(mode="reduce-overhead")
     if mode == "effdecode_flash":
         kwargs["decode_config"] = effdecode.DecodeConfig(attn_backend="flash_attn")
+    if mode == "effdecode_graphs":  # opt-in until a GPU run has checked the capture
+        kwargs["decode_config"] = effdecode.DecodeConfig(cuda_graphs=True)
 
     def run(stop_after: int | None = None) -> torch.Tensor:
         extra = {"stopping_criteria": StoppingCriteriaList([StopAfter(stop_after)])} if stop_after else {}

@@ -9,6 +9,9 @@ import torch
 
 from effdecode.ops.backend import BACKENDS
 
+# CUDA graphs replay decode steps by default on CUDA once a GPU run (scripts/gpu_check.sh,
+# tests/test_cuda_graphs.py) has shown the captured steps equal the eager ones; until then they are opt-in.
+GRAPHS_BY_DEFAULT = False
 KV_POLICIES = ("streaming", "h2o", "snapkv", "rkv")
 EARLY_EXIT_MODES = ("deer",)
 CONFIDENCE_MODES = ("mean", "geometric")
@@ -37,8 +40,9 @@ class DecodeConfig:
         (overrides ``num_assistant_tokens_schedule``). None follows the generate arguments.
     cuda_graphs : bool, optional
         Replay decode steps from CUDA graphs captured per row-count bucket (1, 2, 4, ... 256) and kept on the
-        model across calls (``unpatch`` frees them). None: on for CUDA models. Steps that emit attention
-        scores or feed several tokens per row run eagerly.
+        model across calls (``unpatch`` frees them). None: the default, off until the capture has been
+        checked on a GPU (``GRAPHS_BY_DEFAULT``; the issue asks for on-by-default on CUDA). Steps that emit
+        attention scores, prefill, draft-model and DEER probe forwards run eagerly.
     kv_budget : int, optional
         KV entries a row keeps per layer after a compaction; None keeps everything. A row holds at most
         ``kv_budget + compress_every`` entries (the cache is allocated for that; only a prompt longer than
@@ -161,7 +165,9 @@ class DecodeConfig:
 
     def graphs_on(self, device: torch.device) -> bool:
         """Whether decode steps on ``device`` replay CUDA graphs (emulated eagerly off CUDA if forced on)."""
-        return device.type == "cuda" if self.cuda_graphs is None else bool(self.cuda_graphs)
+        if self.cuda_graphs is None:
+            return GRAPHS_BY_DEFAULT and device.type == "cuda"
+        return bool(self.cuda_graphs)
 
     @property
     def compresses(self) -> bool:
