@@ -321,7 +321,8 @@ class ThinkingController:
         if not self.plan.early_exit:
             return torch.zeros_like(emission.counts)
         eligible = self.thinking[rows] & single & (self.force_step[rows] < 0)
-        eligible &= torch.as_tensor(self.stage[rows_host] == 0, device=self.device)
+        if self.stage[rows_host].any():  # (skip the host-to-device copy on the usual step without probes)
+            eligible &= torch.as_tensor(self.stage[rows_host] == 0, device=self.device)
         hit = torch.zeros_like(emission.counts)
         for trigger in self.triggers:  # the longest trigger that matches
             matched = ends_with(sequences, rows, ends, trigger)
