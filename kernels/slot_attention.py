@@ -253,16 +253,20 @@ def _merge_splits_kernel(
 @triton.jit
 def _emit_scores_kernel(
     q_ptr, kc_ptr, lse_ptr, logits_ptr, scores_ptr,
-    rows_ptr, cache_lens_ptr, q_lens_ptr,
+    rows_ptr, cache_lens_ptr, q_lens_ptr, col_from_ptr, col_to_ptr,
     qk_scale, window, num_cols, capacity, logits_width,
     sq_b, sq_h, sq_t, sq_d,
     skc_s, skc_h, skc_n, skc_d,
     ss_s, ss_h, ss_n,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, FROM_LOGITS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_COL_RANGE: tl.constexpr,
 ):  # fmt: skip
-    """Add ``2^(s - lse)`` summed over a (row, kv head)'s valid (column, head) pairs to a block of keys."""
+    """Add ``2^(s - lse)`` summed over a (row, kv head)'s counted (column, head) pairs to a block of keys.
+
+    The counted columns are the valid ones, or with ``HAS_COL_RANGE`` the valid columns at offsets
+    ``[col_from[b], col_to[b])`` from the row's first valid column.
+    """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // KV_HEADS
@@ -273,22 +277,27 @@ def _emit_scores_kernel(
     cache_len = tl.load(cache_lens_ptr + slot).to(tl.int32)
     q_len = tl.load(q_lens_ptr + b).to(tl.int32)
     pad = num_cols - q_len
+    c_lo = pad  # counted columns: [c_lo, c_hi)
+    c_hi = num_cols
+    if HAS_COL_RANGE:
+        c_lo = pad + tl.maximum(tl.load(col_from_ptr + b).to(tl.int32), 0)
+        c_hi = tl.minimum(pad + tl.load(col_to_ptr + b).to(tl.int32), num_cols)
 
-    # Keys some valid query sees: [lo, cache_len + q_len), the first query's window to the last query; those
-    # past the capacity have no score entry. Only these are written, so every other entry keeps its bits.
-    kv_end = tl.where(q_len > 0, tl.minimum(cache_len + q_len, capacity), 0)
+    # Keys some counted query sees: [lo, cache_len + c_hi - pad), the first query's window to the last query;
+    # those past the capacity have no score entry. Only these are written: every other entry keeps its bits.
+    kv_end = tl.where(c_hi > c_lo, tl.minimum(cache_len + c_hi - pad, capacity), 0)
     lo = 0
     if HAS_WINDOW:
-        lo = tl.maximum(cache_len - window + 1, 0)
+        lo = tl.maximum(cache_len + c_lo - pad - window + 1, 0)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = (offs_n >= lo) & (offs_n < kv_end)
 
     # Columns that see some key of the block: causality bounds them below, the window above.
-    t_lo = tl.maximum(n0 - cache_len + pad, pad)
-    t_hi = num_cols
+    t_lo = tl.maximum(n0 - cache_len + pad, c_lo)
+    t_hi = c_hi
     if HAS_WINDOW:
-        t_hi = tl.minimum(n0 + BLOCK_N - 1 + window - cache_len + pad, num_cols)
+        t_hi = tl.minimum(n0 + BLOCK_N - 1 + window - cache_len + pad, c_hi)
     t_hi = tl.where((n0 < kv_end) & (n0 + BLOCK_N > lo), t_hi, t_lo)  # block outside the keys: no work
 
     b64 = b.to(tl.int64)
@@ -306,7 +315,7 @@ def _emit_scores_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)  # m = t * GROUP + g, as in the main kernel
         t = offs_m // GROUP
         g = offs_m % GROUP
-        col_valid = (t < num_cols) & (t >= pad)
+        col_valid = (t < c_hi) & (t >= c_lo)
         q_idx = cache_len + t - pad
         visible = col_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_idx[:, None])
         if HAS_WINDOW:
@@ -390,6 +399,7 @@ def slot_attention_triton(
     sliding_window: int | None = None,
     scores_out: torch.Tensor | None = None,
     *,
+    lse_out: torch.Tensor | None = None,
     num_splits: int | None = None,
     scores_from_logits: bool | None = None,
 ) -> torch.Tensor:
@@ -419,6 +429,11 @@ def slot_attention_triton(
         float32 ``[slots, kv_heads, capacity]``, any strides. For every key a valid query sees, the softmax
         weights of the valid (column, query head) pairs of its row and GQA group are added to
         ``scores_out[rows[b], kv_head, key]``; no other entry is touched. Deterministic.
+    lse_out : torch.Tensor, optional
+        float32 ``[B, T, q_heads]``, contiguous: receives every query's log-sum-exp (base 2) of its logits
+        ``q . k * scale * log2(e)``, so that :func:`slot_attention_scores_triton` can add the step's scores
+        later, for the columns a caller picks (speculative decoding counts only accepted tokens). Not with
+        ``scores_out``.
     num_splits : int, optional
         Force the number of key-range splits (tests, tuning); by default chosen from the grid size and
         ``batch.kv_len_bound``. The effective number may be lower so that no split is empty by construction.
@@ -458,6 +473,16 @@ def slot_attention_triton(
             f"scores_out must be float32 {tuple(k_cache.shape[:3])} on {k_cache.device}, got "
             f"{scores_out.dtype} {tuple(scores_out.shape)} on {scores_out.device}"
         )
+    if lse_out is not None and (
+        scores_out is not None
+        or lse_out.shape != (bsz, num_cols, q_heads)
+        or lse_out.dtype != torch.float32
+        or not lse_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"lse_out must be a contiguous float32 {(bsz, num_cols, q_heads)} tensor, without scores_out; "
+            f"got {lse_out.dtype} {tuple(lse_out.shape)}"
+        )
     out = torch.empty((bsz, num_cols, q_heads, head_dim), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
@@ -485,6 +510,8 @@ def slot_attention_triton(
     lse = logits = out  # unused unless scores are wanted
     logits_width = max(batch.kv_len_bound, 1)
     from_logits = False
+    if lse_out is not None:
+        lse = lse_out
     if scores_out is not None:
         lse = torch.empty((bsz * num_cols * q_heads,), dtype=torch.float32, device=device)
         rows_m = group * num_cols
@@ -496,6 +523,7 @@ def slot_attention_triton(
         if from_logits:
             logits = torch.empty(logits_shape, dtype=torch.float32, device=device)
     has_window = sliding_window is not None
+    want_lse = scores_out is not None or lse_out is not None
     # fmt: off
     _slot_attention_kernel[(splits, bsz * kv_heads, m_tiles)](
         query, key, value, k_cache, v_cache, out, part_o, part_lse, lse, logits,
@@ -505,29 +533,106 @@ def slot_attention_triton(
         *query.stride(), *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=has_window, SPLIT=splits > 1, DOT_DTYPE=dot_dtype,
-        STORE_LSE=scores_out is not None and splits == 1, STORE_LOGITS=from_logits,
+        STORE_LSE=want_lse and splits == 1, STORE_LOGITS=from_logits,
         num_warps=num_warps, num_stages=2,
     )
     if splits > 1:
         _merge_splits_kernel[(bsz * num_cols * q_heads,)](
             out, part_o, part_lse, lse, splits,
             HEAD_DIM=head_dim, BLOCK_S=max(triton.next_power_of_2(splits), 2),
-            STORE_LSE=scores_out is not None,
+            STORE_LSE=want_lse,
             num_warps=4 if head_dim >= 128 else 2,
         )
-    key_blocks = triton.cdiv(min(batch.kv_len_bound, k_cache.shape[2]), block_n)
-    if scores_out is not None and key_blocks > 0:
-        _emit_scores_kernel[(key_blocks, bsz * kv_heads)](
-            query, k_cache, lse, logits, scores_out,
-            batch.rows, batch.cache_lens, batch.q_lens,
-            float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], logits_width,
-            *query.stride(), *k_cache.stride(), *scores_out.stride(),
-            KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_WINDOW=has_window, FROM_LOGITS=from_logits, DOT_DTYPE=dot_dtype,
-            num_warps=4,
-        )
     # fmt: on
+    if scores_out is not None:
+        _launch_scores(
+            query, k_cache, lse, logits, scores_out, batch, scale, sliding_window, None, None, from_logits,
+            logits_width, block_m, block_n, dot_dtype,
+        )  # fmt: skip
     return out
 
 
-__all__ = ["slot_attention_triton"]
+def _launch_scores(
+    query, k_cache, lse, logits, scores_out, batch, scale, sliding_window, col_from, col_to, from_logits,
+    logits_width, block_m, block_n, dot_dtype,
+) -> None:  # fmt: skip
+    """Run :func:`_emit_scores_kernel` over the keys ``batch`` may see."""
+    bsz, q_heads, num_cols, head_dim = query.shape
+    kv_heads = k_cache.shape[1]
+    key_blocks = triton.cdiv(min(batch.kv_len_bound, k_cache.shape[2]), block_n)
+    if key_blocks == 0 or bsz == 0:
+        return
+    has_range = col_from is not None
+    # fmt: off
+    _emit_scores_kernel[(key_blocks, bsz * kv_heads)](
+        query, k_cache, lse, logits, scores_out,
+        batch.rows, batch.cache_lens, batch.q_lens,
+        col_from if has_range else batch.q_lens, col_to if has_range else batch.q_lens,
+        float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], logits_width,
+        *query.stride(), *k_cache.stride(), *scores_out.stride(),
+        KV_HEADS=kv_heads, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, FROM_LOGITS=from_logits, DOT_DTYPE=dot_dtype,
+        HAS_COL_RANGE=has_range,
+        num_warps=4,
+    )
+    # fmt: on
+
+
+def slot_attention_scores_triton(
+    query: torch.Tensor,
+    lse: torch.Tensor,
+    k_cache: torch.Tensor,
+    batch,
+    scale: float,
+    sliding_window: int | None,
+    scores_out: torch.Tensor,
+    col_from: torch.Tensor | None = None,
+    col_to: torch.Tensor | None = None,
+) -> None:
+    """Add a past :func:`slot_attention_triton` call's attention scores to ``scores_out``, for chosen columns.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, q_heads, T, head_dim]``, the query of that call.
+    lse : torch.Tensor
+        float32 ``[B, T, q_heads]``, what that call wrote to ``lse_out``.
+    k_cache : torch.Tensor
+        ``[slots, kv_heads, capacity, head_dim]``, holding that call's entries (nothing overwritten since).
+    batch : SlotBatch
+        That call's rows, ``q_lens``, ``kv_len_bound``, and its ``cache_lens`` as they were *before* it.
+    scale : float
+        Softmax scale of that call.
+    sliding_window : int, optional
+        That call's window.
+    scores_out : torch.Tensor
+        float32 ``[slots, kv_heads, capacity]``, accumulated in place as by ``slot_attention_triton``.
+    col_from, col_to : torch.Tensor, optional
+        int32 ``[B]``: only the valid columns at offsets ``[col_from[b], col_to[b])`` from row ``b``'s first
+        valid column are counted (all valid columns without them).
+    """
+    bsz, q_heads, num_cols, head_dim = query.shape
+    if lse.shape != (bsz, num_cols, q_heads) or lse.dtype != torch.float32:
+        raise ValueError(
+            f"lse must be float32 {(bsz, num_cols, q_heads)}, got {lse.dtype} {tuple(lse.shape)}"
+        )
+    if (col_from is None) != (col_to is None):
+        raise ValueError("col_from and col_to go together")
+    if scores_out.shape != k_cache.shape[:3] or scores_out.dtype != torch.float32:
+        raise ValueError(
+            f"scores_out must be float32 {tuple(k_cache.shape[:3])}, got {scores_out.dtype} "
+            f"{tuple(scores_out.shape)}"
+        )
+    dot_dtype = query.dtype
+    if dot_dtype == torch.bfloat16 and _interpreted():
+        dot_dtype = torch.float32
+    group = q_heads // k_cache.shape[1]
+    block_m, block_n, _ = _tile_config(dot_dtype, head_dim, group * num_cols)
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dot_dtype]
+    _launch_scores(
+        query, k_cache, lse, lse, scores_out, batch, scale, sliding_window, col_from, col_to, False, 1,
+        block_m, block_n, dot_dtype,
+    )  # fmt: skip
+
+
+__all__ = ["slot_attention_scores_triton", "slot_attention_triton"]

@@ -125,10 +125,13 @@ def test_every_row_keeps_its_budget(policy):
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "perfect", "weak"])
-def test_speculation_keeps_the_eviction_schedule(drafter):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_speculation_keeps_the_eviction_schedule(drafter, policy):
+    # Score-based policies count only the kept tokens' attention (rejected drafts' queries add nothing), so
+    # they select the same entries as plain decoding.
     model = tiny_model("llama", torch.float64)
     ids, mask = repetitive_prompts(3, 12, seed=3)
-    cfg = DecodeConfig(kv_policy="streaming", **SMALL)
+    cfg = DecodeConfig(kv_policy=policy, **SMALL)
     plain = _generate(model, ids, mask, 44, cfg)
     kwargs = {
         "ngram": dict(prompt_lookup_num_tokens=3),
@@ -139,8 +142,41 @@ def test_speculation_keeps_the_eviction_schedule(drafter):
     assert torch.equal(plain.sequences, spec.sequences)
     assert spec.stats.evicted_tokens == plain.stats.evicted_tokens
     assert spec.stats.kv_peak_tokens <= cfg.kv_budget + cfg.compress_every
+    assert (
+        sum(spec.stats.proposed_draft_tokens) > sum(spec.stats.accepted_draft_tokens) or drafter == "perfect"
+    )
     if drafter == "perfect":
         assert sum(spec.stats.accepted_draft_tokens) > 0
+
+
+def _triton_schedule_case(policy: str, device: str, new_tokens: int, draft: bool) -> None:
+    model = tiny_model("llama", torch.float32).to(device)
+    ids, mask = repetitive_prompts(2, 12, seed=5)
+    ids, mask = ids.to(device), mask.to(device)
+    cfg = DecodeConfig(kv_policy=policy, attn_backend="triton", kv_protect_prompt=False, **SMALL)
+    kwargs = (
+        dict(assistant_model=tiny_model("llama", torch.float32, seed=1).to(device))
+        if draft
+        else dict(prompt_lookup_num_tokens=3)
+    )
+    plain = _generate(model, ids, mask, new_tokens, cfg)
+    spec = _generate(model, ids, mask, new_tokens, cfg, **kwargs)
+    assert torch.equal(plain.sequences, spec.sequences)
+    assert spec.stats.evicted_tokens == plain.stats.evicted_tokens
+    assert sum(spec.stats.evicted_tokens) > 0
+    assert sum(spec.stats.proposed_draft_tokens) > sum(spec.stats.accepted_draft_tokens)
+
+
+def test_speculation_keeps_the_eviction_schedule_with_triton_attention():
+    # The Triton kernels (interpreted here: kept small) record the verify forward's log-sum-exp, then score
+    # the kept tokens only.
+    _triton_schedule_case("h2o", "cpu", 24, draft=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "rkv"])
+def test_speculation_keeps_the_eviction_schedule_with_triton_attention_on_gpu(policy):
+    _triton_schedule_case(policy, "cuda", 60, draft=True)
 
 
 def test_compaction_protects_prompt_sinks_window_and_prefers_outside_thinking():

@@ -11,7 +11,9 @@ Side buffers, ``[layers, slots, kv_heads, capacity]`` like the cache without ``h
   kernel accumulates during the forwards that emit scores. "h2o" accumulates over the whole generation (kept
   entries carry their mass through a compaction); "snapkv"/"rkv" only over a row's *observation window*, its
   last ``min(kv_window, compress_every)`` queries before a compaction: a row's scores are zeroed as its window
-  opens, and forwards emit scores only while some row's window is open.
+  opens, and forwards emit scores only while some row's window is open. A speculative verify forward counts
+  only the tokens a row keeps: it records (``deferred_scores_for``) and adds the kept columns once acceptance
+  is known (``commit_scores``), so every policy evicts under speculation exactly what plain decoding evicts.
 - ``entry_positions`` (int32): the RoPE position of every entry, which compaction scrambles per layer and
   head. Entries appended since a row's last compaction are contiguous in index and position, so they are
   filled in only when the row is compacted next (``fresh_from``), never per step.
@@ -28,6 +30,7 @@ import torch
 from effdecode.cache import SlotKVCache
 from effdecode.compression.policies import protection_masks, select_keep
 from effdecode.config import DecodeConfig
+from effdecode.ops.attention import PendingScores
 from effdecode.ops.compaction import compact_kv
 
 _SCORED_POLICIES = frozenset({"h2o", "snapkv", "rkv"})
@@ -81,6 +84,7 @@ class KVCompressor:
             else None
         )
         self.entry_positions = torch.zeros(shape, dtype=torch.int32, device=cache.device)
+        self._pending: tuple | None = None  # (per-layer PendingScores, rows, cache lengths before)
 
     @staticmethod
     def capacity_for(config: DecodeConfig, max_prompt: int, needed: int) -> int:
@@ -113,6 +117,51 @@ class KVCompressor:
         if not bool((lens + incoming > window_start).any()):
             return None
         return list(self.scores.unbind(0))
+
+    def deferred_scores_for(self, rows: np.ndarray, incoming: int) -> list[PendingScores] | None:
+        """Per-layer :class:`PendingScores` for a verify forward of up to ``incoming`` tokens a row, or None.
+
+        A speculative step must count the attention of the tokens it keeps only: rejected drafts' queries
+        would give other entries mass that plain decoding never gives them (and the entries they wrote would
+        keep it). So the forward records, and :meth:`commit_scores` adds the kept columns once they are known.
+        """
+        if self.scores is None:
+            return None
+        if self.policy != "h2o" and not bool((self.lens[rows] + incoming > self.limit - self.observe).any()):
+            return None  # no row's observation window can open in this forward
+        pending = [PendingScores(layer_scores) for layer_scores in self.scores.unbind(0)]
+        self._pending = (pending, rows, self.cache.cache_lens.clone())
+        return pending
+
+    def commit_scores(self, kept: np.ndarray) -> None:
+        """Add the pending verify forward's scores of the ``kept`` ``[rows]`` leading tokens of each row.
+
+        Call before :meth:`advance` and before anything writes the cache. "snapkv"/"rkv" count only queries
+        inside a row's observation window, and zero a row's scores where its window opens, as plain decoding
+        does one token at a time.
+        """
+        pending, rows, cache_lens_before = self._pending
+        self._pending = None
+        lens = self.lens[rows]
+        col_from = np.zeros_like(lens)
+        if self.policy != "h2o":
+            window_start = self.limit - self.observe
+            col_from = np.maximum(window_start - lens, 0)
+            opening = rows[(lens <= window_start) & (lens + kept > window_start)]
+            if opening.size:
+                self.scores[:, torch.as_tensor(opening, device=self.scores.device)] = 0.0
+        if not bool((kept > col_from).any()):
+            return
+        device = self.cache.device
+        col_from = torch.as_tensor(col_from, dtype=torch.int32, device=device)
+        col_to = torch.as_tensor(kept, dtype=torch.int32, device=device)
+        for layer in pending:
+            layer.commit(cache_lens_before, col_from, col_to)
+
+    @property
+    def has_pending_scores(self) -> bool:
+        """Whether a verify forward's scores wait for :meth:`commit_scores`."""
+        return self._pending is not None
 
     def advance(self, rows: np.ndarray, counts: np.ndarray | int) -> None:
         """Slots ``rows`` kept ``counts`` more entries (after a forward's tokens were accepted)."""

@@ -113,8 +113,10 @@ def _accumulate_scores(
     batch: SlotBatch,
     scale: float,
     scores_out: torch.Tensor,
+    col_from: torch.Tensor | None = None,
+    col_to: torch.Tensor | None = None,
 ) -> None:
-    """Add each visible key's softmax weight, summed over GQA groups and valid columns, to ``scores_out``.
+    """Add each visible key's softmax weight, summed over GQA groups and counted columns, to ``scores_out``.
 
     Parameters
     ----------
@@ -130,6 +132,9 @@ def _accumulate_scores(
         Softmax scale applied to ``q @ k^T``.
     scores_out : torch.Tensor
         ``[slots, kv_heads, capacity]``, updated in place.
+    col_from, col_to : torch.Tensor, optional
+        int ``[B]``: count only the valid columns at offsets ``[col_from[b], col_to[b])`` from the row's first
+        valid one (every valid column without them).
     """
     _, q_heads, num_cols, _ = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
@@ -139,8 +144,11 @@ def _accumulate_scores(
     logits = torch.einsum("bkgtd,bknd->bkgtn", q, keys.to(dtype)) * scale
     weights = torch.softmax(logits.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
     cols = torch.arange(num_cols, device=query.device)
-    valid = cols[None, :] >= (num_cols - batch.q_lens)[:, None]  # [B, T]
-    # Padding columns add nothing (their weights may even be NaN: their queries are unspecified).
+    offset = cols[None, :] - (num_cols - batch.q_lens)[:, None]  # [B, T]; < 0 for padding columns
+    valid = offset >= 0
+    if col_from is not None:
+        valid &= (offset >= col_from[:, None]) & (offset < col_to[:, None])
+    # Padding and uncounted columns add nothing (padding weights may be NaN: their queries are unspecified).
     seen = mask[:, 0] & valid[:, :, None]  # [B, T, L]
     weights = weights.masked_fill(~seen[:, None, None], 0.0)
     mass = weights.sum(dim=(2, 3)).to(scores_out.dtype)  # [B, kv_heads, L]
@@ -149,6 +157,92 @@ def _accumulate_scores(
     current = region.index_select(0, rows)
     # Keys no valid query sees keep their exact bits (x + 0.0 would turn -0.0 into +0.0).
     region.index_copy_(0, rows, torch.where(seen.any(dim=1)[:, None], current + mass, current))
+
+
+class PendingScores:
+    """One layer's attention scores of a forward, held back to be added to ``buffer`` for chosen columns.
+
+    Passed as ``scores_out`` to :func:`slot_attention`, it makes the call record what the scores need (the
+    query, the queries' log-sum-exp where the backend computes one, the batch) instead of accumulating them;
+    :meth:`commit` then adds the weights of the columns a caller picks, e.g. only the accepted tokens of a
+    speculative verify step. Commit before any other forward writes the cache.
+
+    Parameters
+    ----------
+    buffer : torch.Tensor
+        float32 ``[slots, kv_heads, capacity]``, the layer's score buffer.
+    """
+
+    __slots__ = ("buffer", "_record")
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self._record: tuple | None = None
+
+    def record(self, query, lse, k_cache, batch: SlotBatch, scale: float, sliding_window) -> None:
+        """Keep one :func:`slot_attention` call's inputs to its scores (``lse`` None on the torch path)."""
+        self._record = (query, lse, k_cache, batch, scale, sliding_window)
+
+    def commit(self, cache_lens_before: torch.Tensor, col_from: torch.Tensor, col_to: torch.Tensor) -> None:
+        """Add the recorded call's scores of each row's valid columns at offsets ``[col_from, col_to)``.
+
+        ``cache_lens_before``: int32 ``[slots]``, the cache lengths the recorded call saw.
+        """
+        if self._record is None:
+            raise RuntimeError("PendingScores.commit before any attention call recorded its scores")
+        query, lse, k_cache, batch, scale, sliding_window = self._record
+        self._record = None
+        before = SlotBatch(batch.rows, cache_lens_before, batch.q_lens, batch.kv_len_bound, batch.backend)
+        slot_attention_scores(
+            query, lse, k_cache, before, scale, sliding_window, self.buffer, col_from, col_to
+        )
+
+
+def slot_attention_scores(
+    query: torch.Tensor,
+    lse: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    batch: SlotBatch,
+    scale: float,
+    sliding_window: int | None,
+    scores_out: torch.Tensor,
+    col_from: torch.Tensor | None = None,
+    col_to: torch.Tensor | None = None,
+) -> None:
+    """Add the attention scores of a past slot-attention call to ``scores_out``, for chosen columns.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, q_heads, T, head_dim]``, that call's query.
+    lse : torch.Tensor or None
+        float32 ``[B, T, q_heads]`` from the Triton path's ``lse_out`` (then the Triton scores kernel runs),
+        or None (the torch reference recomputes the softmax).
+    k_cache : torch.Tensor
+        ``[slots, kv_heads, capacity, head_dim]`` holding that call's entries, nothing overwritten since.
+    batch : SlotBatch
+        That call's batch, with the cache lengths as they were *before* the call.
+    scale : float
+        Softmax scale.
+    sliding_window : int, optional
+        That call's sliding window.
+    scores_out : torch.Tensor
+        float32 ``[slots, kv_heads, capacity]``, accumulated as by ``slot_attention(scores_out=...)``.
+    col_from, col_to : torch.Tensor, optional
+        int32 ``[B]``: count only row ``b``'s valid columns at offsets ``[col_from[b], col_to[b])`` from its
+        first valid column (all of them without these).
+    """
+    if lse is not None:
+        from effdecode.kernels.slot_attention import slot_attention_scores_triton
+
+        slot_attention_scores_triton(
+            query, lse, k_cache, batch, scale, sliding_window, scores_out, col_from, col_to
+        )
+        return
+    bound = min(batch.kv_len_bound, k_cache.shape[2])
+    keys = k_cache[:, :, :bound].index_select(0, batch.rows)
+    mask = _attention_mask(batch, query.shape[2], sliding_window, bound)
+    _accumulate_scores(query, keys, mask, batch, scale, scores_out, col_from, col_to)
 
 
 def slot_attention_reference(
@@ -230,13 +324,14 @@ def slot_attention(
     batch: SlotBatch,
     scale: float,
     sliding_window: int | None = None,
-    scores_out: torch.Tensor | None = None,
+    scores_out: torch.Tensor | PendingScores | None = None,
 ) -> torch.Tensor:
     """Dispatch slot attention to Triton on CUDA (or when forced) and to the torch reference otherwise.
 
     ``"flash_attn"`` runs flash-attn's KV-cache kernel where :func:`flash_supported` holds (installed, CUDA
     fp16/bf16, no ``scores_out``, ...) and otherwise exactly what ``"auto"`` runs.
-    Same parameters and result as :func:`slot_attention_reference`.
+    Same parameters and result as :func:`slot_attention_reference`; ``scores_out`` may also be a
+    :class:`PendingScores`, which records the scores' inputs for a later :meth:`PendingScores.commit`.
     """
     backend = batch.derived.get("backend")
     if backend is None:  # resolved once per step, not once per layer
@@ -244,14 +339,26 @@ def slot_attention(
         batch.derived["backend"] = backend
         batch.derived["flash"] = flash_wanted(requested_backend(batch.backend) == "flash_attn")
     flash = batch.derived.get("flash")
-    if flash and flash_supported(query, key, k_cache, v_cache, sliding_window, scores_out):
+    pending = scores_out if isinstance(scores_out, PendingScores) else None
+    if pending is not None:
+        scores_out = None
+    elif flash and flash_supported(query, key, k_cache, v_cache, sliding_window, scores_out):
         return slot_attention_flash(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
     if backend == "triton":
         from effdecode.kernels.slot_attention import slot_attention_triton
 
-        return slot_attention_triton(
+        lse = None
+        if pending is not None:
+            shape = (query.shape[0], query.shape[2], query.shape[1])
+            lse = torch.empty(shape, dtype=torch.float32, device=query.device)
+        out = slot_attention_triton(
+            query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out,
+            lse_out=lse,
+        )  # fmt: skip
+    else:
+        out = slot_attention_reference(
             query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out
         )
-    return slot_attention_reference(
-        query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out
-    )
+    if pending is not None:
+        pending.record(query, lse if backend == "triton" else None, k_cache, batch, scale, sliding_window)
+    return out
