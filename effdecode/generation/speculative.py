@@ -11,6 +11,7 @@ roll back (cache lengths count only accepted entries: rejected ones are never at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
+from effdecode.config import DecodeConfig
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
@@ -96,6 +98,7 @@ class NgramDrafter:
     """Prompt lookup: propose what followed the most recent earlier occurrence of the row's last n tokens."""
 
     forwards = 0
+    nbytes = 0  # no cache
 
     def __init__(self, plan: SpeculationPlan, backend: str) -> None:
         self.plan = plan
@@ -115,15 +118,53 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """A small model with its own slot cache drafts ``k`` tokens per row, batched over rows."""
+    """A small model with its own slot cache drafts ``k`` tokens per row, batched over rows.
 
-    def __init__(self, draft: torch.nn.Module, batch_size: int, capacity: int, backend: str) -> None:
+    Without eviction the draft cache holds each row's history ``[0, cache_len)``: cache index, history index
+    and RoPE position agree. With eviction (``eviction`` given) the cache is compacted by its own
+    :class:`KVCompressor` and holds an ordered subset of the history; ``fed`` (the history tokens consumed,
+    i.e. the next token's history index and RoPE position) then lives in ``cache.positions``, which is where
+    compaction reads a row's next position, while ``cache.cache_lens`` counts the entries held.
+
+    Parameters
+    ----------
+    draft : torch.nn.Module
+        The draft model.
+    batch_size : int
+        Slots (rows of the call).
+    capacity : int
+        Entries per slot: the whole sequence without eviction, the target's compressed capacity with it.
+    backend : str
+        Attention backend.
+    eviction : DecodeConfig, optional
+        Eviction settings of the draft cache (``kv_budget`` set); None keeps every entry.
+    prompt_lens : torch.Tensor, optional
+        int32 ``[batch_size]`` prompt tokens per row (device); required with ``eviction``.
+    """
+
+    def __init__(
+        self,
+        draft: torch.nn.Module,
+        batch_size: int,
+        capacity: int,
+        backend: str,
+        eviction: DecodeConfig | None = None,
+        prompt_lens: torch.Tensor | None = None,
+    ) -> None:
         self.model = draft
         self.backend = backend
         self.cache = SlotKVCache(
             KVGeometry.from_config(draft.config), batch_size, capacity, draft.dtype, draft.device
         )
+        self.compressor = KVCompressor(eviction, self.cache, prompt_lens) if eviction is not None else None
+        # [slots] history tokens consumed per slot: without eviction, the entry count itself.
+        self.fed = self.cache.positions if self.compressor is not None else self.cache.cache_lens
         self.forwards = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the draft cache and of its compressor's side buffers (counted in ``kv_peak_bytes``)."""
+        return self.cache.nbytes + (self.compressor.nbytes if self.compressor is not None else 0)
 
     def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
         prefill(self.model, self.cache, input_ids, prompt_lens, self.backend)
@@ -133,28 +174,34 @@ class ModelDrafter:
         """Draft ``max_draft`` tokens for every row in ``rows``; row ``b`` offers the first ``draft_lens[b]``.
 
         The first forward feeds the tokens the draft cache lacks (one; two after a step whose drafts were
-        all accepted; more after the row paused drafting), right-aligned; then one token per forward.
+        all accepted; more after the row paused drafting), right-aligned; then one token per forward. With
+        eviction, rows are compacted before a forward that would take them past the KV limit, and the first
+        forward may feed only the most recent of the lacking tokens (see :meth:`_make_room`).
         Returns drafts int64 ``[B, max_draft]``, their lengths, and the draft's distributions
         ``[B, max_draft, V]`` when sampling (None for greedy).
         """
         rows_long = rows.long()
         cache = self.cache
-        known = cache.cache_lens[rows_long]
         total = history_lens[rows_long]
-        # Tokens the draft cache lacks: 1, 2 after a step whose drafts were all accepted, more after the row
-        # paused drafting. One right-aligned forward catches up.
-        pending = (total - known).to(torch.int32)
-        width = int(pending.max())
+        pending = (total - self.fed[rows_long]).to(torch.int32)
+        if self.compressor is None:
+            feed, width, rows_host = pending, int(pending.max()), None
+        else:
+            rows_host, feed_host = self._make_room(rows, pending)
+            feed, width = torch.as_tensor(feed_host, device=rows.device), int(feed_host.max())
+            kv_bound = self._kv_bound(rows_host)
         columns = torch.arange(width, device=rows.device)
-        index = total[:, None] - width + columns[None, :]  # history index == RoPE position (no eviction here)
-        valid = columns[None, :] >= (width - pending)[:, None]
+        index = total[:, None] - width + columns[None, :]  # history index == RoPE position
+        valid = columns[None, :] >= (width - feed)[:, None]
         input_ids = history[rows_long[:, None], index.clamp(min=0)].masked_fill(~valid, 0)
-        batch = SlotBatch(rows, cache.cache_lens, pending, kv_len_bound=kv_bound, backend=self.backend)
+        batch = SlotBatch(rows, cache.cache_lens, feed, kv_len_bound=kv_bound, backend=self.backend)
         drafts = torch.empty(rows.shape[0], max_draft, dtype=torch.long, device=rows.device)
         probs = []
         ones = torch.ones_like(pending)
         logits = forward_logits(self.model, cache, batch, input_ids, index.clamp(min=0))
-        cache.cache_lens.index_add_(0, rows_long, pending)
+        cache.cache_lens.index_add_(0, rows_long, feed)
+        if rows_host is not None:
+            self.fed[rows_long] = total.long()  # tokens left unfed count as consumed: they are skipped
         self.forwards += 1
         for i in range(max_draft):
             token, distribution = choose(logits)
@@ -163,26 +210,88 @@ class ModelDrafter:
                 probs.append(distribution)
             if i == max_draft - 1:
                 break
+            if rows_host is None:
+                bound = kv_bound + i + 1
+            else:
+                self._make_room_for_one(rows_host)
+                bound = self._kv_bound(rows_host)
             batch = SlotBatch(
                 rows,
                 cache.cache_lens,
                 ones,
-                kv_len_bound=kv_bound + i + 1,
+                kv_len_bound=bound,
                 backend=self.backend,
                 q_full=True,
             )
             logits = forward_logits(self.model, cache, batch, token[:, None], (total + i)[:, None])
             cache.cache_lens.index_add_(0, rows_long, ones)
+            if rows_host is not None:
+                self.fed[rows_long] += 1
             self.forwards += 1
         return drafts, draft_lens, torch.stack(probs, dim=1) if probs else None
 
-    def rollback(self, rows: torch.Tensor, kept_lens: torch.Tensor) -> None:
-        """Keep only entries of accepted tokens (``kept_lens`` int32 ``[B]``: a row's tokens but the newest).
+    def _make_room(self, rows: torch.Tensor, pending: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """With eviction: compact the rows a catch-up forward would take past the KV limit; size the feed.
 
-        The target's cache length would say the same without eviction; with eviction it is smaller, while the
-        draft keeps its whole history.
+        A compacted row has room for ``limit - kv_budget`` (``compress_every``) entries at least. A row that
+        lacks more tokens than its room (it paused drafting for long) feeds only the most recent ones that
+        fit: the older ones are never cached, which costs the draft some context (its acceptance rate), never
+        correctness (verification alone decides the output).
+
+        Parameters
+        ----------
+        rows : torch.Tensor
+            int32 ``[B]`` slots about to draft.
+        pending : torch.Tensor
+            int32 ``[B]`` history tokens each row's draft cache has not consumed yet (>= 1).
+
+        Returns
+        -------
+        rows_host : np.ndarray
+            int64 ``[B]``, ``rows`` on the host.
+        feed : np.ndarray
+            int32 ``[B]``, tokens the catch-up forward feeds per row, ``1 <= feed <= pending``.
         """
-        self.cache.cache_lens[rows] = torch.minimum(self.cache.cache_lens[rows], kept_lens)
+        compressor = self.compressor
+        # The proposal's one sync: rollbacks changed the entry counts on the device only.
+        synced = torch.stack([rows, pending, self.cache.cache_lens[rows.long()]]).cpu().numpy()
+        rows_host, pending_host, lens = synced.astype(np.int64)
+        compressor.lens[rows_host] = lens
+        # A rollback cuts below the entries a compaction kept only if that compaction fell between draft
+        # forwards; the entries past the new end are then contiguous again.
+        compressor.fresh_from[rows_host] = np.minimum(compressor.fresh_from[rows_host], lens)
+        compressor.compact(rows_host[lens + pending_host > compressor.limit])
+        feed = np.minimum(pending_host, compressor.limit - compressor.lens[rows_host])
+        compressor.advance(rows_host, feed)
+        return rows_host, feed.astype(np.int32)
+
+    def _make_room_for_one(self, rows_host: np.ndarray) -> None:
+        """With eviction: compact the rows at the KV limit before a forward adds one entry to each of them."""
+        compressor = self.compressor
+        compressor.compact(compressor.due(rows_host))
+        compressor.advance(rows_host, 1)
+
+    def _kv_bound(self, rows_host: np.ndarray) -> int:
+        """Host-side bound of the entries ``rows_host`` hold after the forward (counted in by ``advance``)."""
+        return min(int(self.compressor.lens[rows_host].max()), self.cache.capacity)
+
+    def rollback(self, rows: torch.Tensor, kept_lens: torch.Tensor) -> None:
+        """Drop the entries of rejected drafts (``kept_lens`` int32 ``[B]``: a row's tokens but the newest).
+
+        Without eviction the cache holds the history ``[0, cache_len)``, so it is cut at ``kept_lens`` (the
+        target's cache length would say the same without eviction). With eviction it holds part of the
+        history ``[0, fed)`` in position order, and the rejected drafts (positions ``kept_lens`` to
+        ``fed - 1``) are its newest entries, which a compaction between draft forwards keeps (streaming keeps
+        the most recent), so its last ``fed - kept_lens`` entries go. Were the budget all protected entries,
+        some older ones would go too: never a rejected one stays.
+        """
+        if self.compressor is None:
+            self.cache.cache_lens[rows] = torch.minimum(self.cache.cache_lens[rows], kept_lens)
+            return
+        fed = self.fed[rows]
+        rejected = (fed - kept_lens).clamp(min=0)
+        self.cache.cache_lens[rows] = (self.cache.cache_lens[rows] - rejected).clamp(min=0).to(torch.int32)
+        self.fed[rows] = torch.minimum(fed, kept_lens.long())
 
 
 def _right_aligned_windows(
@@ -232,7 +341,14 @@ def run_speculative(
     proposed_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     accepted_total = torch.zeros(batch_size, dtype=torch.long, device=device)
     if plan.assistant_model is not None:
-        drafter = ModelDrafter(plan.assistant_model, batch_size, capacity, backend)
+        # The draft cache obeys the target's KV budget too, with streaming eviction whatever the target's
+        # policy: drafts never change the output, so the cheapest policy will do (and no attention scores).
+        eviction = None
+        if config.compresses:
+            eviction = dataclasses.replace(config, kv_policy="streaming", kv_think_only=False)
+        drafter = ModelDrafter(
+            plan.assistant_model, batch_size, target_capacity, backend, eviction, request.prompt_lens
+        )
     else:
         drafter = NgramDrafter(plan, backend)
     sampling = request.do_sample
@@ -247,9 +363,7 @@ def run_speculative(
         return torch.multinomial(distribution, 1).squeeze(1), distribution
 
     stats = GenerationStats(
-        kv_peak_bytes=cache.nbytes
-        + getattr(getattr(drafter, "cache", None), "nbytes", 0)
-        + (compressor.nbytes if compressor is not None else 0)
+        kv_peak_bytes=cache.nbytes + drafter.nbytes + (compressor.nbytes if compressor is not None else 0)
     )
     streamer = request.streamer
     if streamer is not None:
@@ -327,6 +441,8 @@ def run_speculative(
             else:
                 synced = torch.stack([finished.to(torch.int32), num_emitted.to(torch.int32)]).cpu().numpy()
                 finished_host = synced[0].astype(bool)
+                if compressor.has_pending_scores:  # the verify forward's kept tokens are known now
+                    compressor.commit_scores(synced[1])
                 if stats.target_forwards > 1:
                     compressor.advance(rows_host, synced[1])
             if bool(finished_host.all()) or out_of_time:
@@ -371,7 +487,12 @@ def run_speculative(
             step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
             if compressor is not None:
                 target_bound = int(compressor.lens[rows_host].max()) + step_cols
-                step_scores = compressor.scores_for(rows_host, step_cols)
+                # A verify forward's scores wait until its kept tokens are known (commit_scores).
+                step_scores = (
+                    compressor.scores_for(rows_host, 1)
+                    if step_cols == 1
+                    else compressor.deferred_scores_for(rows_host, step_cols)
+                )
             else:
                 target_bound, step_scores = kv_bound + step_cols, None
 
