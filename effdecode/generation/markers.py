@@ -60,3 +60,30 @@ def ends_with(
     columns = ends[:, None] - (width - 1) + torch.arange(width, device=ends.device)[None, :]
     window = sequences[rows[:, None], columns.clamp(min=0)]
     return ((window == marker[None, :]) & (columns >= 0)).all(dim=1)
+
+
+def first_marker_end(
+    sequences: torch.Tensor,
+    rows: torch.Tensor,
+    ends: torch.Tensor,
+    emitted: torch.Tensor,
+    num_emitted: torch.Tensor,
+    marker: torch.Tensor,
+) -> torch.Tensor:
+    """int64 ``[B]``: the first emitted column at which ``marker`` ends, or ``T`` where it ends at none.
+
+    Row ``b`` is ``sequences[rows[b], : ends[b] + 1]`` followed by its first ``num_emitted[b]`` tokens of
+    ``emitted`` ``[B, T]``; a marker may start in the sequence and end in the emitted tokens.
+    """
+    width = marker.shape[0]
+    num_cols = emitted.shape[1]
+    if width > 1:
+        before = ends[:, None] - (width - 2) + torch.arange(width - 1, device=ends.device)[None, :]
+        tail = sequences[rows[:, None], before.clamp(min=0)].masked_fill(before < 0, -1)
+        joined = torch.cat([tail, emitted], dim=1)  # [B, width - 1 + T]
+    else:
+        joined = emitted
+    windows = joined.unfold(1, width, 1)  # [B, T, width]: window j ends at emitted column j
+    present = torch.arange(num_cols, device=emitted.device)[None, :] < num_emitted[:, None]
+    hit = (windows == marker[None, None, :]).all(dim=2) & present
+    return torch.where(hit.any(dim=1), hit.long().argmax(dim=1), num_cols)

@@ -6,6 +6,8 @@ verify (one target forward over the last token and the drafts, right-aligned, ``
 accept (greedy: drafts up to the first disagreement with the target's argmax, then the target's token;
 sampling: lossless rejection sampling) -> update (append; cut at EOS, stop criteria, max_new_tokens) ->
 roll back (cache lengths count only accepted entries: rejected ones are never attended and get overwritten).
+Thinking budgets and spans ride along (:mod:`effdecode.generation.speculative_thinking`); with eviction, a
+verify forward's attention scores count the kept tokens only (:meth:`KVCompressor.commit_scores`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
+from effdecode.generation.speculative_thinking import SpeculativeThinking
 from effdecode.generation.steps import criteria_hit, forward_logits, prefill
+from effdecode.generation.thinking import ThinkingController
 from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.attention import SlotBatch
 from effdecode.ops.ngram import ngram_propose
@@ -313,20 +317,34 @@ def run_speculative(
     input_ids = request.input_ids
     batch_size, prompt_width = input_ids.shape
     max_prompt = int(request.prompt_lens.max())
-    capacity = max_prompt + request.max_new_tokens + plan.num_draft + 1
+    thinking = None
+    if request.thinking is not None:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        thinking = SpeculativeThinking(
+            ThinkingController(request.thinking, input_ids, request.prompt_lens, vocab_size)
+        )
+    # Columns a step may write past a row's end: the drafts (or a forced text fed as drafts) and one more.
+    lookahead = 1 + max(plan.num_draft, len(request.thinking.forced_ids) if thinking is not None else 0)
+    capacity = max_prompt + request.max_new_tokens + lookahead
     config = request.decode_config
     # With eviction a row's drafts stop at its KV limit, so the target cache needs no room past it.
     target_capacity = (
         KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
     )
     cache, graphs = decode_cache(model, config, batch_size, target_capacity)
-    compressor = KVCompressor(config, cache, request.prompt_lens) if config.compresses else None
+    compressor = (
+        KVCompressor(
+            config, cache, request.prompt_lens, (lambda: thinking.controller.spans) if thinking else None
+        )
+        if config.compresses
+        else None
+    )
     backend = config.attn_backend
     pipeline = LogitsPipeline(request, device)
     eos_ids = pipeline.eos_ids
     pad = request.pad_token_id if request.pad_token_id is not None else 0
     width = prompt_width + request.max_new_tokens
-    sequences = torch.full((batch_size, width + plan.num_draft + 1), pad, dtype=torch.long, device=device)
+    sequences = torch.full((batch_size, width + lookahead), pad, dtype=torch.long, device=device)
     sequences[:, :prompt_width] = input_ids
     # Left-aligned histories (prompt without padding, then new tokens) for n-gram lookup and the draft model.
     history = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
@@ -387,6 +405,11 @@ def run_speculative(
         emitted = first[:, None]
         finished = torch.isin(first, eos_ids) | (request.max_new_tokens <= 1)
         rows = torch.arange(batch_size, dtype=torch.int32, device=device)
+        if thinking is not None:  # (a thinking budget of 0 forces the first token already)
+            _, forced, forced_counts = thinking.limits(rows.long(), num_emitted.long())
+            emitted, num_emitted, finished = thinking.apply_forced(
+                emitted, num_emitted, finished, forced, forced_counts
+            )
         kv_bound = max_prompt
         step_cols = 1
         max_new_bound = 0  # host-side upper bound of max(new_tokens)
@@ -394,7 +417,12 @@ def run_speculative(
 
         while True:
             rows_long = rows.long()
-            # Append this step's tokens, then cut runs at the first stop criterion hit.
+            # Append this step's tokens, then cut runs after a thinking marker and at a stop criterion hit.
+            if thinking is not None and emitted.shape[1] > 1:
+                ends = prompt_width + new_tokens[rows_long] - 1
+                cut = thinking.cut_at_markers(sequences, rows_long, ends, emitted, num_emitted)
+                finished = finished & (cut == num_emitted)  # an EOS past the cut was not emitted
+                num_emitted = cut
             if request.stopping_criteria:
                 num_emitted, finished = _cut_at_criteria(
                     request,
@@ -419,6 +447,9 @@ def run_speculative(
             )
             new_tokens[rows_long] += num_emitted.long()
             history_lens[rows_long] += num_emitted
+            if thinking is not None:
+                ends = prompt_width + new_tokens[rows_long] - 1
+                thinking.after_run(sequences, rows_long, ends, new_tokens, num_emitted)
             # A verify forward wrote the last token and the drafts; the last token and the accepted drafts,
             # num_emitted entries, stay. The prefill's first token is not in the cache yet.
             if stats.target_forwards > 1:
@@ -459,6 +490,11 @@ def run_speculative(
 
             # Propose: never more drafts than the row may still emit (minus the target's own token). While
             # every row is paused, the next probe step is known, so the steps before it skip this entirely.
+            if thinking is not None:  # budget caps on drafts; rows out of budget feed their forced text
+                room = request.max_new_tokens - new_tokens[rows_long]
+                if compressor is not None:
+                    room = torch.minimum(room, compressor.limit - cache.cache_lens[rows_long].long())
+                draft_cap, forced, forced_counts = thinking.limits(rows_long, room)
             if schedule.steps + 1 < quiet_until:
                 schedule.steps += 1
                 max_draft, wanted = 0, None
@@ -467,9 +503,11 @@ def run_speculative(
                 wanted = torch.minimum(schedule.wanted(rows_long), budget - 1)
                 if compressor is not None:  # a row's forward never takes it past its KV limit
                     wanted = torch.minimum(wanted, compressor.limit - 1 - cache.cache_lens[rows_long])
+                if thinking is not None:
+                    wanted = torch.minimum(wanted, draft_cap)
                 wanted_host = wanted.cpu().numpy()
                 max_draft = int(wanted_host.max())
-                if max_draft == 0 and compressor is None:  # (a KV limit, not a pause, may be why)
+                if max_draft == 0 and compressor is None and thinking is None:  # (not a pause: a limit)
                     quiet_until = schedule.next_probe(rows_long)
             if max_draft == 0:
                 drafts, draft_lens, draft_probs = None, None, None
@@ -484,7 +522,12 @@ def run_speculative(
                     rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose_draft
                 )
             stats.draft_forwards = drafter.forwards
-            step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
+            proposed, proposed_lens = drafts, draft_lens  # the drafter's own (statistics, schedule)
+            if thinking is not None:
+                drafts, draft_lens = thinking.overlay(drafts, draft_lens, forced, forced_counts)
+                step_cols = 1 + int(draft_lens.max())
+            else:
+                step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
             if compressor is not None:
                 target_bound = int(compressor.lens[rows_host].max()) + step_cols
                 # A verify forward's scores wait until its kept tokens are known (commit_scores).
@@ -543,14 +586,18 @@ def run_speculative(
                     num_emitted, emitted, finished = verify_greedy(
                         scores, verify_ids, q_lens, not_finished, eos_ids, backend=backend
                     )
+            if thinking is not None:
+                emitted, num_emitted, finished = thinking.apply_forced(
+                    emitted, num_emitted, finished, forced, forced_counts
+                )
             stats.target_forwards += 1
             kv_bound += step_cols
             if max_draft > 0:
                 num_emitted = torch.minimum(num_emitted, budget)
-                accepted = _accepted_drafts(emitted, num_emitted, drafts, draft_lens)
-                proposed_total[rows_long] += draft_lens.long()
+                accepted = _accepted_drafts(emitted, num_emitted, proposed, proposed_lens)
+                proposed_total[rows_long] += proposed_lens.long()
                 accepted_total[rows_long] += accepted
-                schedule.update(rows_long, draft_lens, accepted.to(torch.int32))
+                schedule.update(rows_long, proposed_lens, accepted.to(torch.int32))
 
     if streamer is not None:
         streamer.end()
@@ -565,6 +612,9 @@ def run_speculative(
         stats.evicted_tokens = compressor.evicted.tolist()
     else:
         stats.kv_peak_tokens = int(cache.cache_lens.max())
+    if thinking is not None:
+        stats.thinking_tokens = thinking.controller.thinking_tokens()
+        stats.early_exits = [0] * batch_size
     stats.wall_time_s = time.perf_counter() - started
     sequences = sequences[:, : prompt_width + longest]
     if not request.return_dict_in_generate:
