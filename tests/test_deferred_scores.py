@@ -170,6 +170,37 @@ def test_committing_every_column_equals_immediate_scores(fresh_seed, backend):
     assert not torch.equal(deferred, scores)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "dtype,kv_heads,group,num_cols,head_dim,cache_lens,q_lens,ranges,window,splits", CASES
+)
+def test_compiled_triton_commit_matches_a_loop_on_gpu(
+    dtype, kv_heads, group, num_cols, head_dim, cache_lens, q_lens, ranges, window, splits
+):
+    rows, lens, q_lens_t, k_cache, v_cache, query, key, value, scores = _inputs(
+        dtype, kv_heads, group, num_cols, head_dim, cache_lens, q_lens
+    )
+    col_from = torch.tensor([r[0] for r in ranges], dtype=torch.int32)
+    col_to = torch.tensor([r[1] for r in ranges], dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected, _ = counted_scores(
+        query, key, k_cache, rows, lens, q_lens_t, col_from, col_to, scale, window, scores
+    )
+    cuda = [
+        t.cuda()
+        for t in (rows, lens, q_lens_t, k_cache, v_cache, query, key, value, scores, col_from, col_to)
+    ]
+    rows, lens, q_lens_t, k_cache, v_cache, query, key, value, got, col_from, col_to = cuda
+    bound = int((lens[rows.long()] + q_lens_t).max()) + 1
+    pending = PendingScores(got)
+    batch = SlotBatch(rows, lens.clone(), q_lens_t, kv_len_bound=bound, backend="triton")
+    slot_attention(query, key, value, k_cache, v_cache, batch, scale, window, scores_out=pending)
+    pending.commit(lens, col_from, col_to)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(got.cpu().double(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_bad_deferred_arguments_raise():
     q = torch.zeros(1, 2, 1, 16)
     cache = torch.zeros(1, 2, 4, 16)

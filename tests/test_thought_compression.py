@@ -173,6 +173,7 @@ def test_speculation_keeps_the_eviction_schedule_with_triton_attention():
     _triton_schedule_case("h2o", "cpu", 24, draft=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "rkv"])
 def test_speculation_keeps_the_eviction_schedule_with_triton_attention_on_gpu(policy):
