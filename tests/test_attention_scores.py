@@ -22,11 +22,12 @@ SCORE_TOLERANCES = {
 }
 
 
-def naive_scores(query, key, k_cache, rows, cache_lens, q_lens, scale, window, scores):
+def naive_scores(query, key, k_cache, rows, cache_lens, q_lens, scale, window, scores, col_range=None):
     """Per row, valid token and query head: explicit softmax over the visible keys, added key by key, fp64.
 
-    Returns the expected scores (fp64) and the boolean ``[slots, kv_heads, capacity]`` mask of the entries
-    added to.
+    With ``col_range`` (``col_from``, ``col_to``, int ``[B]``) only row ``b``'s valid columns at offsets
+    ``[col_from[b], col_to[b])`` count. Returns the expected scores (fp64) and the boolean
+    ``[slots, kv_heads, capacity]`` mask of the entries added to.
     """
     k_cache = k_cache.clone().double()
     expected = scores.clone().double()
@@ -38,7 +39,10 @@ def naive_scores(query, key, k_cache, rows, cache_lens, q_lens, scale, window, s
         pad = num_cols - int(q_lens[b])
         for t in range(pad, num_cols):
             k_cache[slot, :, start + t - pad] = key[b, :, t].double()
-        for t in range(pad, num_cols):
+        counted = range(pad, num_cols)
+        if col_range is not None:
+            counted = range(pad + int(col_range[0][b]), min(pad + int(col_range[1][b]), num_cols))
+        for t in counted:
             index = start + t - pad
             lo = 0 if window is None else max(0, index - window + 1)
             for h in range(q_heads):

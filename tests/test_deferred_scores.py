@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_scores import naive_scores
 
 from effdecode.kernels.slot_attention import slot_attention_scores_triton, slot_attention_triton
 from effdecode.ops.attention import PendingScores, SlotBatch, slot_attention
 
 
 def counted_scores(query, key, k_cache, rows, cache_lens, q_lens, col_from, col_to, scale, window, scores):
-    """fp64 expected scores when only row ``b``'s valid columns at offsets ``[col_from, col_to)`` count.
-
-    Returns the expected scores and the boolean mask of the entries some counted query sees.
-    """
-    k_cache = k_cache.clone().double()
-    expected = scores.clone().double()
-    touched = torch.zeros(scores.shape, dtype=torch.bool)
-    batch, q_heads, num_cols, _ = query.shape
-    group = q_heads // key.shape[1]
-    for b in range(batch):
-        slot, start = int(rows[b]), int(cache_lens[rows[b]])
-        pad = num_cols - int(q_lens[b])
-        for t in range(pad, num_cols):
-            k_cache[slot, :, start + t - pad] = key[b, :, t].double()
-        for t in range(pad + int(col_from[b]), min(pad + int(col_to[b]), num_cols)):
-            index = start + t - pad
-            lo = 0 if window is None else max(0, index - window + 1)
-            for h in range(q_heads):
-                logits = (k_cache[slot, h // group, lo : index + 1] @ query[b, h, t].double()) * scale
-                weights = torch.softmax(logits, dim=0)
-                expected[slot, h // group, lo : index + 1] += weights
-                touched[slot, h // group, lo : index + 1] = True
-    return expected, touched
+    """fp64 expected scores when only row ``b``'s valid columns at offsets ``[col_from, col_to)`` count."""
+    return naive_scores(
+        query, key, k_cache, rows, cache_lens, q_lens, scale, window, scores, (col_from, col_to)
+    )
 
 
 def _inputs(dtype, kv_heads, group, num_cols, head_dim, cache_lens, q_lens):
