@@ -10,7 +10,9 @@ from test_speculative import repetitive_prompts
 
 import effdecode
 from effdecode import DecodeConfig
+from effdecode.generation import speculative
 from effdecode.generation.markers import first_marker_end
+from effdecode.generation.thinking import ThinkingController
 from tiny_models import tiny_model
 
 DRAFTERS = ["ngram", "perfect", "weak"]
@@ -149,17 +151,177 @@ def test_sampling_with_drafts_forces_the_end_at_the_budget():
     assert sum(out.stats.accepted_draft_tokens) > 0
 
 
-def test_early_exit_still_turns_speculation_off():
+def _rigged(scale: float):
+    """A model whose distributions are sharp (scale >> 1) or nearly uniform (scale << 1); argmax unchanged."""
     model = tiny_model("llama", torch.float64)
-    ids, mask = repetitive_prompts(2, 10, seed=3)
-    cfg = DecodeConfig(
-        early_exit="deer", early_exit_triggers=[[9]], early_exit_probe=[7, 8], think_start=None, think_end=[7]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def _deer_config(triggers, replace: bool = False, **kv) -> DecodeConfig:
+    return DecodeConfig(
+        early_exit="deer",
+        think_start=None,
+        think_end=[7],
+        early_exit_triggers=triggers,
+        early_exit_probe=[5, 7, 6],
+        early_exit_answer_tokens=2,
+        early_exit_threshold=0.9,
+        early_exit_replace_trigger=replace,
+        **kv,
     )
-    with pytest.warns(UserWarning, match="speculative decoding is off"):
-        effdecode.generate(
-            model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False, decode_config=cfg,
-            prompt_lookup_num_tokens=3,
-        )  # fmt: skip
+
+
+@pytest.fixture
+def probe_counter(monkeypatch):
+    """Probes started per call: the ``probes`` of every ThinkingController built, in order."""
+    controllers = []
+    original = ThinkingController.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        controllers.append(self)
+
+    monkeypatch.setattr(ThinkingController, "__init__", recording)
+    return lambda: [c.probes for c in controllers]
+
+
+def _deer_case(scale: float, new: int, kv: dict | None = None):
+    """A rigged model, repetitive prompts and triggers its free decoding writes in the middle of every row.
+
+    With the perfect draft these triggers fall inside accepted runs: speculation must cut runs there.
+    """
+    model = _rigged(scale)
+    ids, mask = repetitive_prompts(3, 12, seed=3)
+    free = _generate(model, ids, mask, new, DecodeConfig(**(kv or {})))
+    width = ids.shape[1]
+    singles = [[free.sequences[row, width + k].item()] for row in range(3) for k in (3, 11)]
+    pair = free.sequences[1, width + 5 : width + 7].tolist()  # a two-token trigger
+    return model, ids, mask, singles + [pair], free
+
+
+def _assert_deer_same(plain, spec, probes):
+    _assert_same(plain, spec)
+    assert spec.stats.early_exits == plain.stats.early_exits
+    assert sum(spec.stats.proposed_draft_tokens) > 0  # speculation really ran
+    first, second = probes()[-2:]
+    assert first == second > 0  # the same probes started
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_confident_early_exit_with_drafts_matches_plain(drafter, replace, probe_counter):
+    model, ids, mask, triggers, free = _deer_case(50.0, 30)
+    cfg = _deer_config(triggers, replace)
+    plain = _generate(model, ids, mask, 30, cfg)
+    spec = _generate(model, ids, mask, 30, cfg, **_draft(drafter, model))
+    _assert_deer_same(plain, spec, probe_counter)
+    assert spec.stats.early_exits == [1, 1, 1]
+    assert not torch.equal(spec.sequences, free.sequences)
+    if drafter == "perfect":  # the draft cache follows committed probes (and replaced triggers) exactly
+        assert spec.stats.accepted_draft_tokens == spec.stats.proposed_draft_tokens
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_confident_probe_replaces_a_two_token_trigger_with_drafts(drafter, probe_counter):
+    # The trigger's first token is in the caches already (the draft's too): the probe's text overwrites it.
+    model, ids, mask, _, free = _deer_case(50.0, 30)
+    width = ids.shape[1]
+    triggers = [free.sequences[row, width + 2 : width + 4].tolist() for row in range(3)]
+    cfg = _deer_config(triggers, replace=True)
+    plain = _generate(model, ids, mask, 30, cfg)
+    spec = _generate(model, ids, mask, 30, cfg, **_draft(drafter, model))
+    _assert_deer_same(plain, spec, probe_counter)
+    assert spec.stats.early_exits == [1, 1, 1]
+    assert spec.sequences[:, width + 2 : width + 5].tolist() == [[5, 7, 6]] * 3  # the trigger is gone
+    if drafter == "perfect":
+        assert spec.stats.accepted_draft_tokens == spec.stats.proposed_draft_tokens
+
+
+def test_replaced_trigger_leaves_the_draft_cache(monkeypatch):
+    # Layer-0 keys depend on the token and its position only: with the target as its own draft, both caches
+    # must hold the same keys wherever both hold entries, so no replaced trigger token stays in the draft's.
+    caches = {}
+    original_init = speculative.ModelDrafter.__init__
+    original_cache = speculative.decode_cache
+
+    def drafter_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        caches["draft"] = self.cache
+
+    def target_cache(*args, **kwargs):
+        cache, graphs = original_cache(*args, **kwargs)
+        caches["target"] = cache
+        return cache, graphs
+
+    monkeypatch.setattr(speculative.ModelDrafter, "__init__", drafter_init)
+    monkeypatch.setattr(speculative, "decode_cache", target_cache)
+    model, ids, mask, _, free = _deer_case(50.0, 30)
+    width = ids.shape[1]
+    triggers = [free.sequences[row, width + 2 : width + 4].tolist() for row in range(3)]
+    out = _generate(model, ids, mask, 30, _deer_config(triggers, replace=True), assistant_model=model)
+    assert out.stats.early_exits == [1, 1, 1]
+    draft, target = caches["draft"], caches["target"]
+    for row in range(3):
+        held = min(int(draft.cache_lens[row]), int(target.cache_lens[row]))
+        assert held > int(mask[row].sum()) + 5  # past the probe text
+        keys = draft.key_buffer[0, row, :, :held], target.key_buffer[0, row, :, :held]
+        torch.testing.assert_close(*keys)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_unconfident_early_exit_with_drafts_rolls_back_exactly(drafter, replace, probe_counter):
+    model, ids, mask, triggers, free = _deer_case(1e-3, 30)
+    cfg = _deer_config(triggers, replace)
+    plain = _generate(model, ids, mask, 30, cfg)
+    spec = _generate(model, ids, mask, 30, cfg, **_draft(drafter, model))
+    _assert_deer_same(plain, spec, probe_counter)
+    assert spec.stats.early_exits == [0, 0, 0]
+    assert torch.equal(spec.sequences, free.sequences)  # every probe rolled back exactly
+    assert probe_counter()[-1] >= 6
+
+
+@pytest.mark.parametrize("scale", [50.0, 1e-3])
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_early_exit_with_drafts_and_eviction_matches_plain(drafter, policy, replace, scale, probe_counter):
+    kv = dict(kv_budget=24, kv_window=8, kv_sinks=2, compress_every=8, kv_policy=policy)
+    model, ids, mask, triggers, free = _deer_case(scale, 44, kv)
+    cfg = _deer_config(triggers, replace, **kv)
+    plain = _generate(model, ids, mask, 44, cfg)
+    spec = _generate(model, ids, mask, 44, cfg, **_draft(drafter, model))
+    _assert_deer_same(plain, spec, probe_counter)
+    assert spec.stats.evicted_tokens == plain.stats.evicted_tokens
+    assert min(spec.stats.evicted_tokens) > 0
+    assert spec.stats.kv_peak_tokens <= plain.stats.kv_peak_tokens
+    if scale < 1:
+        assert torch.equal(spec.sequences, free.sequences)
+
+
+@pytest.mark.parametrize("scale", [50.0, 1e-3])
+@pytest.mark.parametrize("budget", [4, 9])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_early_exit_and_thinking_budget_with_drafts_match_plain(drafter, budget, scale, probe_counter):
+    # A row may reach its budget with the trigger that starts a probe: forcing waits until it is decided.
+    model, ids, mask, triggers, _ = _deer_case(scale, 30)
+    cfg = _deer_config(triggers, thinking_budget=budget, think_end_prefix=[5, 6])
+    plain = _generate(model, ids, mask, 30, cfg)
+    spec = _generate(model, ids, mask, 30, cfg, **_draft(drafter, model))
+    _assert_deer_same(plain, spec, probe_counter)
+
+
+def test_early_exit_keeps_speculation_on():
+    # Probes used to turn speculation off; now drafts run around them and save target forwards.
+    model, ids, mask, triggers, _ = _deer_case(50.0, 30)
+    cfg = _deer_config(triggers)
+    plain = _generate(model, ids, mask, 30, cfg)
+    spec = _generate(model, ids, mask, 30, cfg, assistant_model=model)  # warnings are errors here
+    assert torch.equal(plain.sequences, spec.sequences)
+    assert sum(spec.stats.accepted_draft_tokens) > 0
+    assert spec.stats.target_forwards < plain.stats.target_forwards
 
 
 def test_first_marker_end_matches_a_loop(fresh_seed):

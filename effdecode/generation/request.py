@@ -321,8 +321,6 @@ def build_request(
         blocker = _speculation_blocker(
             config, logits_processors, stopping_criteria, streamer, input_ids.shape[0], eos_token_ids
         )
-        if blocker is None and thinking is not None and thinking.early_exit:
-            blocker = "early_exit probes need one token per step"
         if blocker:
             warnings.warn(
                 f"effdecode: speculative decoding is off for this call ({blocker}); decoding without drafts",

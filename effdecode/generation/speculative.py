@@ -6,8 +6,9 @@ verify (one target forward over the last token and the drafts, right-aligned, ``
 accept (greedy: drafts up to the first disagreement with the target's argmax, then the target's token;
 sampling: lossless rejection sampling) -> update (append; cut at EOS, stop criteria, max_new_tokens) ->
 roll back (cache lengths count only accepted entries: rejected ones are never attended and get overwritten).
-Thinking budgets and spans ride along (:mod:`effdecode.generation.speculative_thinking`); with eviction, a
-verify forward's attention scores count the kept tokens only (:meth:`KVCompressor.commit_scores`).
+Thinking budgets, spans and DEER probes ride along (:mod:`effdecode.generation.speculative_thinking`: probing
+rows feed their probe inputs in the verify forward instead of drafts); with eviction, a verify forward's
+attention scores count the kept tokens only (:meth:`KVCompressor.commit_scores`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
-from effdecode.generation.speculative_thinking import SpeculativeThinking
+from effdecode.generation.speculative_thinking import ProbeRows, SpeculativeThinking
 from effdecode.generation.steps import criteria_hit, forward_logits, prefill
 from effdecode.generation.thinking import ThinkingController
 from effdecode.hf_attention import routed_through_effdecode
@@ -323,13 +324,22 @@ def run_speculative(
         thinking = SpeculativeThinking(
             ThinkingController(request.thinking, input_ids, request.prompt_lens, vocab_size)
         )
+    controller = thinking.controller if thinking is not None else None
+    deer = controller is not None and controller.plan.early_exit
+    # A probe holds [probe text, answer tokens] past the row's entries until it is decided; a confident one
+    # commits the probe text and a token at once.
+    probe_room = controller.probe_width + controller.plan.answer_tokens if deer else 0
     # Columns a step may write past a row's end: the drafts (or a forced text fed as drafts) and one more.
-    lookahead = 1 + max(plan.num_draft, len(request.thinking.forced_ids) if thinking is not None else 0)
+    lookahead = 1 + max(
+        plan.num_draft, len(request.thinking.forced_ids) if thinking is not None else 0, probe_room
+    )
     capacity = max_prompt + request.max_new_tokens + lookahead
     config = request.decode_config
-    # With eviction a row's drafts stop at its KV limit, so the target cache needs no room past it.
+    # With eviction a row's drafts stop at its KV limit: the target cache needs no room past it but a probe's.
     target_capacity = (
-        KVCompressor.capacity_for(config, max_prompt, capacity) if config.compresses else capacity
+        KVCompressor.capacity_for(config, max_prompt, capacity) + probe_room
+        if config.compresses
+        else capacity
     )
     cache, graphs = decode_cache(model, config, batch_size, target_capacity)
     compressor = (
@@ -414,17 +424,26 @@ def run_speculative(
         step_cols = 1
         max_new_bound = 0  # host-side upper bound of max(new_tokens)
         quiet_until = 0  # no row drafts before this schedule step
+        probe = None  # rows of the last forward busy with a probe (early exit)
+        rewind = None  # tokens confident probes take back from their rows' ends (replacing their trigger)
+        # Eviction scores of probing slots, restored when a probe is rolled back.
+        probe_scores: dict[int, torch.Tensor] = {}
 
         while True:
             rows_long = rows.long()
+            free = probe.free(rows.shape[0]) if probe is not None else None  # rows whose runs were verified
+            if rewind is not None:  # a confident probe takes its trigger's place
+                new_tokens[rows_long] -= rewind
+                history_lens[rows_long] -= rewind.to(history_lens.dtype)
+                drafter.rollback(rows_long, history_lens[rows_long])  # drafts cached past it are stale
             # Append this step's tokens, then cut runs after a thinking marker and at a stop criterion hit.
             if thinking is not None and emitted.shape[1] > 1:
                 ends = prompt_width + new_tokens[rows_long] - 1
-                cut = thinking.cut_at_markers(sequences, rows_long, ends, emitted, num_emitted)
+                cut = thinking.cut_at_markers(sequences, rows_long, ends, emitted, num_emitted, free)
                 finished = finished & (cut == num_emitted)  # an EOS past the cut was not emitted
                 num_emitted = cut
             if request.stopping_criteria:
-                num_emitted, finished = _cut_at_criteria(
+                cut, stopped = _cut_at_criteria(
                     request,
                     sequences,
                     rows_long,
@@ -436,6 +455,10 @@ def run_speculative(
                     pad,
                     prompt_width,
                 )
+                if free is not None:  # a probe's emission is checked whole, after its last token (plain loop)
+                    stopped = torch.where(free, stopped, finished | (stopped & (cut == num_emitted)))
+                    cut = torch.where(free, cut, num_emitted)
+                num_emitted, finished = cut, stopped
             _append(
                 sequences,
                 history,
@@ -447,35 +470,65 @@ def run_speculative(
             )
             new_tokens[rows_long] += num_emitted.long()
             history_lens[rows_long] += num_emitted
+            run_counts = num_emitted if free is None else torch.where(free, num_emitted, 0)
             if thinking is not None:
                 ends = prompt_width + new_tokens[rows_long] - 1
-                thinking.after_run(sequences, rows_long, ends, new_tokens, num_emitted)
+                thinking.after_run(sequences, rows_long, ends, new_tokens, run_counts)
+            triggered = None
+            if deer:
+                triggered = thinking.run_triggers(sequences, rows_long, ends, run_counts)
+                if probe is not None:  # busy rows emitted through the controller: it tracks them as plain
+                    index = probe.index
+                    hits = controller.after_append(
+                        sequences, rows_long[index], rows_host[probe.index_host], ends[index],
+                        new_tokens[rows_long[index]], probe.emission,
+                    )  # fmt: skip
+                    triggered = triggered.index_copy(0, index, hits)
             # A verify forward wrote the last token and the drafts; the last token and the accepted drafts,
-            # num_emitted entries, stay. The prefill's first token is not in the cache yet.
+            # num_emitted entries, stay. The prefill's first token is not in the cache yet. Busy rows
+            # advanced by what they fed already.
             if stats.target_forwards > 1:
-                cache.cache_lens.index_add_(0, rows_long, num_emitted)
-                cache.positions.index_add_(0, rows_long, num_emitted.long())
+                cache.cache_lens.index_add_(0, rows_long, run_counts)
+                cache.positions.index_add_(0, rows_long, run_counts.long())
             drafter.rollback(rows_long, history_lens[rows_long] - 1)
             last_tokens = (
                 emitted[:, 0]
                 if emitted.shape[1] == 1
                 else emitted.gather(1, (num_emitted.long() - 1).clamp(min=0)[:, None]).squeeze(1)
             )
+            if probe is not None:  # a probing row feeds its answer token, not what it emitted
+                last_tokens = last_tokens.index_copy(0, probe.index, probe.emission.feed)
             max_new_bound += step_cols
             if streamer is not None:
                 streamer.put(emitted[0, : int(num_emitted[0])].cpu())
 
             finished = finished | (new_tokens[rows_long] >= request.max_new_tokens)
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time
-            if compressor is None:
+            if compressor is None and not deer:
                 finished_host = finished.cpu().numpy()  # the step's sync: which rows stay
             else:
-                synced = torch.stack([finished.to(torch.int32), num_emitted.to(torch.int32)]).cpu().numpy()
+                parts = [finished.long(), num_emitted.long()]
+                if deer:
+                    parts += [triggered, controller.confident[rows_long].long()]
+                synced = torch.stack(parts).cpu().numpy()  # the step's sync
                 finished_host = synced[0].astype(bool)
-                if compressor.has_pending_scores:  # the verify forward's kept tokens are known now
-                    compressor.commit_scores(synced[1])
-                if stats.target_forwards > 1:
-                    compressor.advance(rows_host, synced[1])
+                # Entries each row kept: its run's, or all a busy row fed.
+                kept_host = synced[1] if probe is None else _probe_kept(synced[1], probe)
+                if deer:
+                    triggered_host, confident_host = synced[2], synced[3].astype(bool)
+                    decided = np.zeros(len(rows_host), dtype=bool)
+                    if probe is not None:
+                        decided[probe.index_host] = probe.decided_host
+                    controller.probes_decided(rows_host[decided], confident_host[decided])
+                if compressor is not None:
+                    if compressor.has_pending_scores:  # the verify forward's kept tokens are known now
+                        compressor.commit_scores(kept_host)
+                    if stats.target_forwards > 1:
+                        compressor.advance(rows_host, kept_host)
+                    if deer:
+                        _decide_probe_entries(
+                            compressor, controller, rows_host[decided], confident_host[decided], probe_scores
+                        )
             if bool(finished_host.all()) or out_of_time:
                 row_forwards[rows_long] = stats.target_forwards
                 break
@@ -484,9 +537,16 @@ def run_speculative(
                 keep = torch.as_tensor(np.flatnonzero(~finished_host), device=device)
                 rows, rows_long = rows.index_select(0, keep), rows_long.index_select(0, keep)
                 last_tokens = last_tokens.index_select(0, keep)
+                if deer:
+                    triggered_host = triggered_host[~finished_host]
                 rows_host = rows_host[~finished_host]
-            if compressor is not None:
-                compressor.compact(compressor.due(rows_host))  # rows at their KV limit, before the forward
+            if compressor is not None:  # rows at their KV limit, before the forward (never a probing row)
+                candidates = rows_host if not deer else rows_host[controller.stage[rows_host] == 0]
+                compressor.compact(compressor.due(candidates))
+            probe = None
+            if deer:
+                _start_probes(controller, compressor, rows_host, triggered_host, probe_scores)
+                probe = thinking.busy_rows(rows_host)
 
             # Propose: never more drafts than the row may still emit (minus the target's own token). While
             # every row is paused, the next probe step is known, so the steps before it skip this entirely.
@@ -494,7 +554,8 @@ def run_speculative(
                 room = request.max_new_tokens - new_tokens[rows_long]
                 if compressor is not None:
                     room = torch.minimum(room, compressor.limit - cache.cache_lens[rows_long].long())
-                draft_cap, forced, forced_counts = thinking.limits(rows_long, room)
+                free = probe.free(rows.shape[0]) if probe is not None else None
+                draft_cap, forced, forced_counts = thinking.limits(rows_long, room, free)
             if schedule.steps + 1 < quiet_until:
                 schedule.steps += 1
                 max_draft, wanted = 0, None
@@ -504,7 +565,7 @@ def run_speculative(
                 if compressor is not None:  # a row's forward never takes it past its KV limit
                     wanted = torch.minimum(wanted, compressor.limit - 1 - cache.cache_lens[rows_long])
                 if thinking is not None:
-                    wanted = torch.minimum(wanted, draft_cap)
+                    wanted = torch.minimum(wanted, draft_cap).clamp(min=0)  # a probe may pass the KV limit
                 wanted_host = wanted.cpu().numpy()
                 max_draft = int(wanted_host.max())
                 if max_draft == 0 and compressor is None and thinking is None:  # (not a pause: a limit)
@@ -525,6 +586,11 @@ def run_speculative(
             proposed, proposed_lens = drafts, draft_lens  # the drafter's own (statistics, schedule)
             if thinking is not None:
                 drafts, draft_lens = thinking.overlay(drafts, draft_lens, forced, forced_counts)
+                if probe is not None:  # busy rows feed their probe inputs in the same forward
+                    ends = prompt_width + new_tokens[rows_long] - 1
+                    last_tokens, drafts, draft_lens = thinking.overlay_probes(
+                        probe, last_tokens, drafts, draft_lens, rows_long, rows_host, cache, sequences, ends
+                    )
                 step_cols = 1 + int(draft_lens.max())
             else:
                 step_cols = 1 + (int(draft_lens.max()) if max_draft > 0 else 0)
@@ -539,7 +605,7 @@ def run_speculative(
             else:
                 target_bound, step_scores = kv_bound + step_cols, None
 
-            if step_cols == 1:
+            if step_cols == 1 and probe is None:
                 # No row drafts this step: a plain decode step (the lean path, no verify machinery).
                 emitted, num_emitted, finished = _plain_step(
                     model,
@@ -568,6 +634,10 @@ def run_speculative(
                 if logits is None:
                     logits = forward_logits(
                         model, cache, batch, verify_ids, position_ids, last_only=False, scores=step_scores
+                    )
+                if probe is not None:  # busy rows choose from their last column, as in the plain loop
+                    thinking.probe_choose(
+                        probe, logits[probe.index, -1], rows_long, rows_host, new_tokens, cache, pipeline
                     )
                 scores = pipeline.process_columns(logits, new_tokens[rows_long], step_cols - q_lens)
                 not_finished = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
@@ -598,9 +668,20 @@ def run_speculative(
                 proposed_total[rows_long] += proposed_lens.long()
                 accepted_total[rows_long] += accepted
                 schedule.update(rows_long, proposed_lens, accepted.to(torch.int32))
+            rewind = None
+            if probe is not None:
+                emitted, num_emitted, finished, rewind = thinking.merge_probes(
+                    probe, emitted, num_emitted, finished, eos_ids
+                )
+                step_cols = max(step_cols, emitted.shape[1])
 
     if streamer is not None:
         streamer.end()
+    if deer:
+        # A committed probe may run past max_new_tokens, and a replaced trigger leaves tokens past the end.
+        new_tokens.clamp_(max=request.max_new_tokens)
+        columns = torch.arange(sequences.shape[1], device=device)[None, :]
+        sequences.masked_fill_(columns >= prompt_width + new_tokens[:, None], pad)
     longest = int(new_tokens.max())
     stats.new_tokens = new_tokens.tolist()
     stats.proposed_draft_tokens = proposed_total.tolist()
@@ -614,12 +695,61 @@ def run_speculative(
         stats.kv_peak_tokens = int(cache.cache_lens.max())
     if thinking is not None:
         stats.thinking_tokens = thinking.controller.thinking_tokens()
-        stats.early_exits = [0] * batch_size
+        stats.early_exits = controller.early_exits.tolist()
     stats.wall_time_s = time.perf_counter() - started
     sequences = sequences[:, : prompt_width + longest]
     if not request.return_dict_in_generate:
         return sequences
     return EffdecodeGenerateOutput(sequences=sequences, stats=stats)
+
+
+def _probe_kept(kept: np.ndarray, probe: ProbeRows) -> np.ndarray:
+    """``kept`` ``[B]`` (entries of each row's run) with a busy row's fed tokens in its place."""
+    kept = kept.copy()
+    kept[probe.index_host] = probe.q_host
+    return kept
+
+
+def _decide_probe_entries(
+    compressor: KVCompressor,
+    controller: ThinkingController,
+    slots: np.ndarray,
+    confident: np.ndarray,
+    probe_scores: dict[int, torch.Tensor],
+) -> None:
+    """Decided probes of ``slots`` (bool ``confident`` each): the compressor keeps the row's entries, plus
+    the probe text when confident.
+
+    A rolled-back probe leaves no attention mass: the scores saved when it started come back.
+    """
+    for slot, kept_probe in zip(slots.tolist(), confident.tolist(), strict=True):
+        saved = probe_scores.pop(slot, None)
+        if saved is not None and not kept_probe:
+            compressor.scores[:, slot] = saved
+    if slots.size:
+        compressor.lens[slots] = controller.base_host[slots] + controller.probe_width * confident
+
+
+def _start_probes(
+    controller: ThinkingController,
+    compressor: KVCompressor | None,
+    rows_host: np.ndarray,
+    triggered_host: np.ndarray,
+    probe_scores: dict[int, torch.Tensor],
+) -> None:
+    """Rows whose run ended at a trigger (its length in ``triggered_host`` ``[B]``, from the step's sync)
+    probe; the compressor follows the cache (as in the plain loop)."""
+    controller.start_probes(rows_host, triggered_host)
+    if compressor is None:
+        return
+    if compressor.scores is not None:
+        for slot in rows_host[controller.starting[rows_host]].tolist():
+            probe_scores[slot] = compressor.scores[:, slot].clone()
+    # A probe that replaces its trigger starts over the trigger's entries.
+    compressor.lens[rows_host] -= controller.cache_rewind(rows_host)
+    controller.base_host[rows_host] = np.where(
+        controller.starting[rows_host], compressor.lens[rows_host], controller.base_host[rows_host]
+    )
 
 
 def _propose_for_some(drafter, rows, drafting, max_draft, wanted, history, history_lens, bound, choose):

@@ -10,19 +10,59 @@ as in the plain loop (:mod:`effdecode.generation.thinking`):
   feeds it. A row whose cache (KV limit) or ``max_new_tokens`` has less room forces the rest next step.
 - **Runs end at markers.** A run is cut right after a ``think_start``/``think_end`` it contains (the target's
   later tokens are decoded again next step), so a row's thinking state only changes at the end of a run,
-  where the single-token rules of the plain loop apply.
-
-Early exit probes need one token per step and stay in the plain loop.
+  where the single-token rules of the plain loop apply. With early exit, runs of thinking rows are cut right
+  after an early-exit trigger too, so a trigger can only end a run; it is detected there.
+- **Probing rows draft nothing.** A row busy with a probe (armed, starting, answering, or feeding its trigger
+  again) feeds what :meth:`ThinkingController.forward_inputs` gives it, right-aligned in the same verify
+  forward as the drafting rows, and chooses from its last column through the controller's hooks, exactly as
+  the plain loop does; its cache advances by what it fed, not by what it emitted.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
 from effdecode.generation.markers import ends_with, first_marker_end
-from effdecode.generation.thinking import OPEN_END, ThinkingController
+from effdecode.generation.thinking import OPEN_END, StepEmission, ThinkingController
+
+if TYPE_CHECKING:
+    from effdecode.cache import SlotKVCache
+    from effdecode.generation.logits import LogitsPipeline
 
 _NO_CAP = 1 << 30
+
+
+@dataclass
+class ProbeRows:
+    """The rows of one speculative step that are busy with a probe (they feed, they do not draft).
+
+    Attributes
+    ----------
+    index : torch.Tensor
+        int64 ``[P]``: their indices among the step's rows (``index_host`` the same on the host).
+    q_lens : torch.Tensor
+        int32 ``[P]``: tokens each feeds to the forward (``q_host`` the same on the host).
+    emission : StepEmission or None
+        What they emitted after the forward (set by :meth:`SpeculativeThinking.probe_choose`).
+    decided_host : np.ndarray or None
+        bool ``[P]``: the probes decided after the forward.
+    """
+
+    index: torch.Tensor
+    index_host: np.ndarray
+    q_lens: torch.Tensor | None = None
+    q_host: np.ndarray | None = None
+    emission: StepEmission | None = None
+    decided_host: np.ndarray | None = None
+
+    def free(self, num_rows: int) -> torch.Tensor:
+        """bool ``[num_rows]``: the step's rows that are not busy (they draft and verify)."""
+        free = torch.ones(num_rows, dtype=torch.bool, device=self.index.device)
+        return free.index_fill(0, self.index, False)
 
 
 class SpeculativeThinking:
@@ -35,13 +75,11 @@ class SpeculativeThinking:
     """
 
     def __init__(self, controller: ThinkingController) -> None:
-        if controller.plan.early_exit:
-            raise ValueError("early exit needs one token per step: it does not run with speculative decoding")
         self.controller = controller
         self.forced_counts: torch.Tensor | None = None  # [B] forced tokens of the last step's rows
 
     def limits(
-        self, rows: torch.Tensor, room: torch.Tensor
+        self, rows: torch.Tensor, room: torch.Tensor, free: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's draft caps and forced tokens for ``rows`` (int64 ``[B]``).
 
@@ -51,6 +89,9 @@ class SpeculativeThinking:
             int64 ``[B]`` slots of the step.
         room : torch.Tensor
             int64 ``[B]``: tokens each row may still emit this step (cache room, ``max_new_tokens``), >= 1.
+        free : torch.Tensor, optional
+            bool ``[B]``: rows not busy with a probe (None: all). Busy rows neither draft nor start forcing
+            here: the controller's ``after_choose`` handles them after the forward, as in the plain loop.
 
         Returns
         -------
@@ -64,8 +105,12 @@ class SpeculativeThinking:
         ctl = self.controller
         budget = ctl.plan.budget
         forcing = ctl.force_step[rows] >= 0
+        if free is not None:
+            forcing &= free
         if budget is not None:
             start = ctl.thinking[rows] & ~forcing & (ctl.thought[rows] >= budget)
+            if free is not None:
+                start &= free
             ctl.force_step[rows] = torch.where(start, 0, ctl.force_step[rows])
             forcing = forcing | start
         step = ctl.force_step[rows].clamp(min=0)
@@ -76,7 +121,10 @@ class SpeculativeThinking:
         cap = torch.full_like(step, _NO_CAP)
         if budget is not None:
             cap = torch.where(ctl.thinking[rows], budget - ctl.thought[rows] - 1, cap)
-        cap = torch.where(forcing, 0, cap).clamp(min=0).to(torch.int32)
+        cap = torch.where(forcing, 0, cap).clamp(min=0)
+        if free is not None:
+            cap = torch.where(free, cap, 0)
+        cap = cap.to(torch.int32)
         self.forced_counts = forced_counts
         return cap, forced, forced_counts
 
@@ -128,10 +176,13 @@ class SpeculativeThinking:
         ends: torch.Tensor,
         emitted: torch.Tensor,
         num_emitted: torch.Tensor,
+        free: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``num_emitted`` cut so that no run goes past a ``think_start``/``think_end`` it contains.
 
-        ``ends`` int64 ``[B]``: each row's last column in ``sequences`` before the run.
+        With early exit, the runs of thinking rows that are not forced are also cut right after a trigger.
+        ``ends`` int64 ``[B]``: each row's last column in ``sequences`` before the run; ``free`` bool ``[B]``
+        (None: all): the rows whose runs come from verification (a probe's emission is never cut).
         """
         ctl = self.controller
         cut = num_emitted.long()
@@ -139,6 +190,14 @@ class SpeculativeThinking:
             if marker is not None:
                 first = first_marker_end(sequences, rows, ends, emitted, num_emitted, marker)
                 cut = torch.minimum(cut, first + 1)
+        if ctl.triggers:
+            forced = self.forced_counts
+            may_trigger = ctl.thinking[rows] & (forced == 0 if forced is not None else True)
+            for trigger in ctl.triggers:
+                first = first_marker_end(sequences, rows, ends, emitted, num_emitted, trigger)
+                cut = torch.where(may_trigger, torch.minimum(cut, first + 1), cut)
+        if free is not None:
+            cut = torch.where(free, cut, num_emitted.long())
         return cut.to(num_emitted.dtype)
 
     def after_run(
@@ -179,3 +238,161 @@ class SpeculativeThinking:
             ctl.thinking[rows] |= opened
             start = torch.stack([position_after, torch.full_like(position_after, OPEN_END)], dim=1)
             ctl.spans[rows] = torch.where(opened[:, None], start, ctl.spans[rows])
+
+    # -- early exit ----------------------------------------------------------------------------------------
+
+    def run_triggers(
+        self,
+        sequences: torch.Tensor,
+        rows: torch.Tensor,
+        ends: torch.Tensor,
+        num_emitted: torch.Tensor,
+    ) -> torch.Tensor:
+        """int64 ``[B]``: the length of the longest trigger ending each row's run (0: none), after
+        :meth:`after_run`; only thinking rows that are not forced and appended a run probe.
+
+        Runs are cut after a trigger, so a trigger can only end at a run's last token (``ends[b]``).
+        """
+        ctl = self.controller
+        eligible = ctl.thinking[rows] & (ctl.force_step[rows] < 0) & (num_emitted > 0)
+        hit = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        for trigger in ctl.triggers:
+            matched = ends_with(sequences, rows, ends, trigger)
+            hit = torch.where(matched, torch.clamp(hit, min=trigger.shape[0]), hit)
+        return torch.where(eligible, hit, 0)
+
+    def busy_rows(self, rows_host: np.ndarray) -> ProbeRows | None:
+        """The rows of ``rows_host`` that feed a probe's inputs in the next forward, or None."""
+        ctl = self.controller
+        if not ctl.plan.early_exit:
+            return None
+        busy = (
+            ctl.armed[rows_host]
+            | ctl.starting[rows_host]
+            | (ctl.stage[rows_host] > 0)
+            | ctl.refeed[rows_host]
+        )
+        if not busy.any():
+            return None
+        index_host = np.flatnonzero(busy)
+        return ProbeRows(torch.as_tensor(index_host, device=ctl.device), index_host)
+
+    def overlay_probes(
+        self,
+        probe: ProbeRows,
+        last_tokens: torch.Tensor,
+        drafts: torch.Tensor,
+        draft_lens: torch.Tensor,
+        rows: torch.Tensor,
+        rows_host: np.ndarray,
+        cache: SlotKVCache,
+        sequences: torch.Tensor,
+        ends: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Busy rows' forward inputs laid out as "last token + drafts" for the verify forward.
+
+        A busy row feeding ``q`` tokens ``x_0 .. x_{q-1}`` (probe text, one answer token, its trigger again)
+        gets ``last_tokens = x_0`` and drafts ``x_1 ..`` of length ``q - 1``, so :func:`_verify_inputs` lays
+        them out right-aligned from the row's position on, as the plain loop does. Calls the controller's
+        ``forward_inputs`` (replacing probes rewind the cache there).
+
+        Parameters
+        ----------
+        probe : ProbeRows
+            The busy rows; ``q_lens``/``q_host`` are set here.
+        last_tokens : torch.Tensor
+            int64 ``[B]``: each row's feed token (busy rows: ``StepEmission.feed``).
+        drafts, draft_lens : torch.Tensor
+            int64 ``[B, K]`` and int32 ``[B]`` verify drafts (busy rows: none).
+        rows : torch.Tensor
+            int64 ``[B]`` slots; ``rows_host`` the same on the host.
+        cache : SlotKVCache
+            The target cache.
+        sequences : torch.Tensor
+            int64 ``[slots, W]`` output buffer; ``ends`` int64 ``[B]`` each row's last column in it.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``last_tokens`` ``[B]``, ``drafts`` ``[B, max(K, T - 1)]``, ``draft_lens`` int32 ``[B]``.
+        """
+        index = probe.index
+        ids, q_lens, q_host = self.controller.forward_inputs(
+            last_tokens[index], rows[index], rows_host[probe.index_host], cache, sequences, ends[index]
+        )
+        probe.q_lens, probe.q_host = q_lens, q_host
+        num_cols = ids.shape[1]
+        # Right-aligned [P, T] -> left-aligned: column j holds the row's j-th fed token.
+        source = (num_cols - q_lens.long())[:, None] + torch.arange(num_cols, device=ids.device)[None, :]
+        left = ids.gather(1, source.clamp(max=num_cols - 1))
+        if drafts.shape[1] < num_cols - 1:
+            drafts = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], num_cols - 1 - drafts.shape[1])], 1)
+        last_tokens = last_tokens.index_copy(0, index, left[:, 0])
+        if num_cols > 1:
+            rows_drafts = drafts[index].clone()
+            rows_drafts[:, : num_cols - 1] = left[:, 1:]
+            drafts = drafts.index_copy(0, index, rows_drafts)
+        draft_lens = draft_lens.index_copy(0, index, (q_lens - 1).to(draft_lens.dtype))
+        return last_tokens, drafts, draft_lens
+
+    def probe_choose(
+        self,
+        probe: ProbeRows,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        rows_host: np.ndarray,
+        new_tokens: torch.Tensor,
+        cache: SlotKVCache,
+        pipeline: LogitsPipeline,
+    ) -> None:
+        """After the forward: busy rows advance their caches by what they fed, then choose as the plain loop.
+
+        ``logits`` ``[P, V]`` are the busy rows' last-column logits; ``rows`` int64 ``[B]`` the step's slots
+        (``rows_host`` on the host); ``new_tokens`` int64 ``[slots]``. Sets ``probe.emission`` and
+        ``probe.decided_host``.
+        """
+        ctl = self.controller
+        slots = rows[probe.index]
+        slots_host = rows_host[probe.index_host]
+        cache.cache_lens.index_add_(0, slots, probe.q_lens)
+        cache.positions.index_add_(0, slots, probe.q_lens.long())
+        ctl.after_forward(logits, slots, slots_host)
+        logits = ctl.before_choose(logits, slots, slots_host)
+        scores = pipeline.process(logits, None, new_tokens[slots])
+        chosen = pipeline.choose(scores, slots)
+        probe.emission = ctl.after_choose(chosen, slots, slots_host, new_tokens[slots], cache)
+        probe.decided_host = ctl.decided_host
+
+    @staticmethod
+    def merge_probes(
+        probe: ProbeRows,
+        emitted: torch.Tensor,
+        num_emitted: torch.Tensor,
+        finished: torch.Tensor,
+        eos_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The step's runs ``[B, T]`` with the busy rows' emissions in place of their verify results.
+
+        Returns ``(emitted [B, max(T, W)], num_emitted [B], finished [B], rewind int64 [B] or None)``; a busy
+        row finishes when it emitted an EOS last.
+        """
+        emission = probe.emission
+        index = probe.index
+        tokens = emission.tokens
+        width = max(emitted.shape[1], tokens.shape[1])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
+
+        emitted = pad(emitted).index_copy(0, index, pad(tokens))
+        counts = emission.counts
+        num_emitted = num_emitted.index_copy(0, index, counts.to(num_emitted.dtype))
+        last = tokens.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
+        done = (
+            torch.isin(last, eos_ids) if eos_ids.numel() else torch.zeros_like(last, dtype=torch.bool)
+        ) & (counts > 0)
+        finished = finished.index_copy(0, index, done)
+        rewind = None
+        if emission.rewind is not None:
+            rewind = torch.zeros_like(num_emitted, dtype=torch.long).index_copy(0, index, emission.rewind)
+        return emitted, num_emitted, finished, rewind
