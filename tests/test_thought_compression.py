@@ -285,6 +285,33 @@ def test_early_exit_never_fires_when_the_probe_is_unconfident():
     assert out.stats.early_exits == [0, 0, 0]
     assert torch.equal(out.sequences, plain.sequences)  # every probe rolled back exactly
     assert max(out.stats.target_row_forwards) > 30  # the probes did run
+    assert out.stats.thinking_tokens == _thinking_tokens(plain.sequences[:, width:])
+
+
+def _thinking_tokens(new: torch.Tensor, end: int = 7) -> list[int]:
+    """Thinking tokens of rows that think from their first new token until ``end`` (included)."""
+    rows = new.tolist()
+    return [row.index(end) + 1 if end in row else len(row) for row in rows]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_probe_rolled_back_at_the_budget_forces_the_end(replace):
+    # Row 0's trigger is its 4th token, its budget's last: the probe rolls back, and the row is forced at once
+    # (appended probe) or right after its trigger is fed again (replacing probe), never a 5th thinking token.
+    model = _rigged(1e-3)
+    ids, mask = ragged_prompts(3, 10, seed=1)
+    plain = _generate(model, ids, mask, 20)
+    width = ids.shape[1]
+    trigger = plain.sequences[0, width + 3].item()
+    cfg = _replace_config([[trigger]]) if replace else _deer_config([[trigger]])
+    cfg.thinking_budget = 4
+    cfg.think_end_prefix = [5, 6]
+    out = _generate(model, ids, mask, 20, cfg)
+    assert out.stats.early_exits == [0, 0, 0]
+    new = out.sequences[0, width:]
+    assert torch.equal(new[:4], plain.sequences[0, width : width + 4])
+    assert new[4:7].tolist() == [5, 6, 7]
+    assert out.stats.thinking_tokens[0] == 4
 
 
 def test_early_exit_with_eviction_keeps_the_budget():
@@ -380,5 +407,6 @@ def test_replacing_probe_rolls_back_exactly_when_unconfident(kv):
     out = _generate(model, ids, mask, 40, cfg)
     assert out.stats.early_exits == [0, 0, 0]
     assert torch.equal(out.sequences, plain.sequences)  # the trigger was fed again, nothing else changed
+    assert out.stats.thinking_tokens == _thinking_tokens(plain.sequences[:, width:])
     assert out.stats.evicted_tokens == plain.stats.evicted_tokens
     assert max(out.stats.target_row_forwards) > 40

@@ -246,7 +246,12 @@ class ThinkingController:
         if plan.budget is not None:
             start = self.thinking[rows] & ~forcing & (self.thought[rows] >= plan.budget)
             if probing is not None:
-                start &= ~probing
+                # No forcing mid-probe; but an appended probe rolled back at the budget emits the forced
+                # text instead of its row's real next token (a replaced one refeeds its trigger first).
+                rolled_back = (
+                    torch.as_tensor(stage == plan.answer_tokens, device=device) & ~self.confident[rows]
+                )
+                start &= ~probing | (rolled_back & (not plan.replace_trigger))
             self.force_step[rows] = torch.where(start, 0, self.force_step[rows])
             forcing = forcing | start
         step = self.force_step[rows]
@@ -266,7 +271,12 @@ class ThinkingController:
         deciding = torch.as_tensor(deciding_host, device=device)
         confident = self.confident[rows] & deciding
         in_probe = probing & ~deciding
-        self.thought[rows] += (counted & ~in_probe & ~confident).long()  # after a confident probe: answer
+        # A confident probe ends thinking (its answer token is not a thinking token); a replacing probe
+        # rolled back emits nothing (its trigger is fed again).
+        thought_gain = counted & ~in_probe & ~confident
+        if plan.replace_trigger:
+            thought_gain &= ~deciding
+        self.thought[rows] += thought_gain.long()
         # Deciding rows: keep the probe text when confident, else nothing of the probe.
         width = self.probe_width
         kept = self.base_len[rows] + torch.where(confident, width, 0).to(torch.int32)
