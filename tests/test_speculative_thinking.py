@@ -344,3 +344,31 @@ def test_first_marker_end_matches_a_loop(fresh_seed):
                     want = j
                     break
             assert int(got[b]) == want, (b, length)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "perfect"])
+def test_stop_criterion_after_a_committed_probe(drafter):
+    # A confident probe makes its row longer than the others; a stopping criterion still sees each row's own
+    # last token (the plain loop used to look at a shared column, padding for the shorter rows).
+    from test_engine_equivalence import _StopAfterToken
+    from test_thought_compression import _deer_config, _rigged
+    from transformers import StoppingCriteriaList
+
+    model = _rigged(50.0)
+    ids, mask = repetitive_prompts(3, 10, seed=1)
+    free = _generate(model, ids, mask, 24, DecodeConfig())
+    width = ids.shape[1]
+    trigger = free.sequences[0, width + 2].item()
+    cfg = _deer_config([[trigger]])
+    exited = _generate(model, ids, mask, 24, cfg)
+    assert exited.stats.early_exits[0] == 1
+    stopper = exited.sequences[0, width + 9].item()  # written by row 0 after its committed probe
+    kwargs = {} if drafter == "none" else _draft(drafter, model)
+    criteria = StoppingCriteriaList([_StopAfterToken(stopper)])
+    out = _generate(
+        model, ids, mask, 24, cfg, stopping_criteria=criteria, pad_token_id=0, eos_token_id=1, **kwargs
+    )
+    row = out.sequences[0, width:].tolist()
+    stop_at = exited.sequences[0, width:].tolist().index(stopper)
+    assert row[: stop_at + 1] == exited.sequences[0, width : width + stop_at + 1].tolist()
+    assert all(token == 0 for token in row[stop_at + 1 :])  # the row stopped right after the stopper

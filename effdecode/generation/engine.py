@@ -21,7 +21,7 @@ from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest
-from effdecode.generation.steps import criteria_hit, forward_logits, prefill
+from effdecode.generation.steps import criteria_hit, forward_logits, prefill, right_aligned_windows
 from effdecode.generation.thinking import ThinkingController
 from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.attention import SlotBatch
@@ -165,7 +165,12 @@ def run_generation(
             if emitted_any is not None:
                 done &= emitted_any
             if request.stopping_criteria:
-                history = sequences[:, : prompt_width + min(width_bound, max_new)].index_select(0, rows_long)
+                width = prompt_width + min(width_bound, max_new)
+                if thinking is None:
+                    history = sequences[:, :width].index_select(0, rows_long)
+                else:  # rows advance by different counts (probes): each window ends at its row's last token
+                    ends = prompt_width + new_tokens[rows_long] - 1
+                    history = right_aligned_windows(sequences, rows_long, ends, width, pad_token_id)
                 hit = criteria_hit(request.stopping_criteria, history, scores)
                 done = done | (hit & emitted_any if emitted_any is not None else hit)
             out_of_time = request.max_time is not None and time.perf_counter() - started > request.max_time

@@ -28,7 +28,7 @@ from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
 from effdecode.generation.request import GenerationRequest, SpeculationPlan
 from effdecode.generation.speculative_thinking import ProbeRows, SpeculativeThinking
-from effdecode.generation.steps import criteria_hit, forward_logits, prefill
+from effdecode.generation.steps import criteria_hit, forward_logits, prefill, right_aligned_windows
 from effdecode.generation.thinking import ThinkingController
 from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.attention import SlotBatch
@@ -297,15 +297,6 @@ class ModelDrafter:
         rejected = (fed - kept_lens).clamp(min=0)
         self.cache.cache_lens[rows] = (self.cache.cache_lens[rows] - rejected).clamp(min=0).to(torch.int32)
         self.fed[rows] = torch.minimum(fed, kept_lens.long())
-
-
-def _right_aligned_windows(
-    sequences: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, width: int, pad: int
-) -> torch.Tensor:
-    """``[B, width]`` windows of ``sequences`` rows ending at column ``ends[b]`` (left-filled with pad)."""
-    index = ends[:, None] - (width - 1) + torch.arange(width, device=ends.device)[None, :]
-    windows = sequences[rows[:, None], index.clamp(min=0)]
-    return windows.masked_fill(index < 0, pad)
 
 
 def run_speculative(
@@ -835,7 +826,7 @@ def _cut_at_criteria(
             break
         column = (ends + 1 + j).clamp(max=last_column)
         extended[local, column] = torch.where(present, emitted[:, j], extended[local, column])
-        windows = _right_aligned_windows(extended, local, ends + 1 + j, width, pad)
+        windows = right_aligned_windows(extended, local, ends + 1 + j, width, pad)
         hit = criteria_hit(request.stopping_criteria, windows, None) & present
         num_emitted = torch.where(hit, j + 1, num_emitted)
         finished |= hit

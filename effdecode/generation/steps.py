@@ -88,3 +88,12 @@ def criteria_hit(criteria: list, history: torch.Tensor, scores: torch.Tensor | N
             result = torch.full((history.shape[0],), bool(result), device=history.device)
         hit |= result.to(device=history.device, dtype=torch.bool)
     return hit
+
+
+def right_aligned_windows(
+    sequences: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, width: int, pad: int
+) -> torch.Tensor:
+    """``[B, width]`` windows of ``sequences`` rows ending at column ``ends[b]`` (left-filled with pad)."""
+    index = ends[:, None] - (width - 1) + torch.arange(width, device=ends.device)[None, :]
+    windows = sequences[rows[:, None], index.clamp(min=0)]
+    return windows.masked_fill(index < 0, pad)
