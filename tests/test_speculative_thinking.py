@@ -6,7 +6,10 @@ import warnings
 
 import pytest
 import torch
+from test_engine_equivalence import _StopAfterToken
 from test_speculative import repetitive_prompts
+from test_thought_compression import _deer_config, _rigged
+from transformers import StoppingCriteriaList
 
 import effdecode
 from effdecode import DecodeConfig
@@ -149,28 +152,6 @@ def test_sampling_with_drafts_forces_the_end_at_the_budget():
             assert new[6:9] == [5, 6, 7]
         assert out.stats.thinking_tokens[row] == thought
     assert sum(out.stats.accepted_draft_tokens) > 0
-
-
-def _rigged(scale: float):
-    """A model whose distributions are sharp (scale >> 1) or nearly uniform (scale << 1); argmax unchanged."""
-    model = tiny_model("llama", torch.float64)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
-
-
-def _deer_config(triggers, replace: bool = False, **kv) -> DecodeConfig:
-    return DecodeConfig(
-        early_exit="deer",
-        think_start=None,
-        think_end=[7],
-        early_exit_triggers=triggers,
-        early_exit_probe=[5, 7, 6],
-        early_exit_answer_tokens=2,
-        early_exit_threshold=0.9,
-        early_exit_replace_trigger=replace,
-        **kv,
-    )
 
 
 @pytest.fixture
@@ -350,10 +331,6 @@ def test_first_marker_end_matches_a_loop(fresh_seed):
 def test_stop_criterion_after_a_committed_probe(drafter):
     # A confident probe makes its row longer than the others; a stopping criterion still sees each row's own
     # last token (the plain loop used to look at a shared column, padding for the shorter rows).
-    from test_engine_equivalence import _StopAfterToken
-    from test_thought_compression import _deer_config, _rigged
-    from transformers import StoppingCriteriaList
-
     model = _rigged(50.0)
     ids, mask = repetitive_prompts(3, 10, seed=1)
     free = _generate(model, ids, mask, 24, DecodeConfig())

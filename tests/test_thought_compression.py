@@ -241,7 +241,7 @@ def _rigged(scale: float):
     return model
 
 
-def _deer_config(triggers):
+def _deer_config(triggers, replace: bool = False, **kv) -> DecodeConfig:
     return DecodeConfig(
         early_exit="deer",
         think_start=None,
@@ -250,6 +250,8 @@ def _deer_config(triggers):
         early_exit_probe=[5, 7, 6],
         early_exit_answer_tokens=2,
         early_exit_threshold=0.9,
+        early_exit_replace_trigger=replace,
+        **kv,
     )
 
 
