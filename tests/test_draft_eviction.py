@@ -13,8 +13,8 @@ import effdecode
 from effdecode import DecodeConfig
 from effdecode.cache import KVGeometry
 from effdecode.compression.kv_compressor import KVCompressor
-from effdecode.generation import speculative
-from effdecode.generation.speculative import DraftSchedule, ModelDrafter
+from effdecode.generation import drafters
+from effdecode.generation.drafters import DraftSchedule, ModelDrafter
 from tiny_models import tiny_model
 
 SMALL = dict(kv_budget=24, kv_window=8, kv_sinks=2, compress_every=8)
@@ -52,7 +52,7 @@ class DraftRecorder:
         self.drafter: ModelDrafter | None = None
         self.peak = 0
         self.snapshots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        forward, rollback = speculative.forward_logits, ModelDrafter.rollback
+        forward, rollback = drafters.forward_logits, ModelDrafter.rollback
 
         def recording_forward(model, cache, batch, *args, **kwargs):
             if self.drafter is not None and cache is self.drafter.cache:
@@ -66,7 +66,7 @@ class DraftRecorder:
             cache = drafter.cache
             self.snapshots.append((drafter.fed.clone(), cache.cache_lens.clone(), cache.keys[0].clone()))
 
-        monkeypatch.setattr(speculative, "forward_logits", recording_forward)
+        monkeypatch.setattr(drafters, "forward_logits", recording_forward)
         monkeypatch.setattr(ModelDrafter, "rollback", recording_rollback)
 
     def check_entries(self, draft: torch.nn.Module, ids, mask, sequences: torch.Tensor) -> None:

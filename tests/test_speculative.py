@@ -232,7 +232,7 @@ def test_speculative_sampling_keeps_the_target_distribution(drafter):
 def test_draft_cache_catches_up_after_a_row_paused_drafting(monkeypatch):
     """Rows that pause fall behind in the draft's cache; on the next probe the draft must catch up fully,
     so a perfect draft is still accepted in full on every probe."""
-    from effdecode.generation.speculative import DraftSchedule
+    from effdecode.generation.drafters import DraftSchedule
 
     monkeypatch.setattr(DraftSchedule, "PAUSE_BELOW", 100.0)  # every row always paused: only probes draft
     model = tiny_model("qwen2", torch.float64, seed=14)
@@ -254,7 +254,7 @@ def test_draft_cache_catches_up_after_a_row_paused_drafting(monkeypatch):
 
 def test_only_drafting_rows_run_the_draft_model(monkeypatch):
     """Rows that paused drafting stay out of the draft model's forwards; output stays plain greedy."""
-    from effdecode.generation.speculative import ModelDrafter
+    from effdecode.generation.drafters import ModelDrafter
 
     model = tiny_model("llama", torch.float64, seed=3)
     perfect = copy.deepcopy(model)
@@ -268,7 +268,7 @@ def test_only_drafting_rows_run_the_draft_model(monkeypatch):
 
     monkeypatch.setattr(ModelDrafter, "propose", recording)
     monkeypatch.setattr(
-        "effdecode.generation.speculative.DraftSchedule.wanted",
+        "effdecode.generation.drafters.DraftSchedule.wanted",
         lambda self, rows: torch.where(rows < 2, self.lengths[rows], 0),  # rows 0-1 draft, 2-3 paused
     )
     expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=20)
