@@ -1,8 +1,9 @@
 """The drafter participant: which rows draft how many tokens this step, and what they propose.
 
-Wraps a :class:`DraftSchedule` and a drafter (:class:`NgramDrafter` or :class:`ModelDrafter`). Rows whose
-drafts keep failing pause (the schedule), and while every row is paused the steps until the next probe skip
-the proposal entirely: such a step is a plain step (one token per row, no host copy for the schedule).
+Wraps a :class:`DraftSchedule`, a :class:`DraftGate` and a drafter (:class:`NgramDrafter` or
+:class:`ModelDrafter`). Rows whose drafts keep failing pause (the schedule); while every row is paused, or
+while drafting does not pay for the batch (the gate, measured), steps skip the proposal entirely: such a step
+is a plain step (one token per row, no host copy for the schedule).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from effdecode.generation.drafters import DraftSchedule, ModelDrafter, NgramDrafter, propose_for_some
+from effdecode.generation.drafters import (
+    DraftGate,
+    DraftSchedule,
+    ModelDrafter,
+    NgramDrafter,
+    propose_for_some,
+)
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState
 from effdecode.hf_attention import routed_through_effdecode
@@ -53,6 +60,8 @@ class Drafting:
         self.proposed = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.quiet_until = 0  # no row drafts before this schedule step
+        self.gate = DraftGate()
+        self.drafted = False  # the current step verifies drafts
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +93,8 @@ class Drafting:
         ``all_may_pause``: no other cap decides), the steps before the next probe skip the proposal.
         """
         schedule = self.schedule
-        if schedule.steps + 1 < self.quiet_until:
+        self.drafted = False
+        if schedule.steps + 1 < self.quiet_until or not self.gate.open:
             schedule.steps += 1
             return None, None, None
         rows = state.rows_long
@@ -98,6 +108,7 @@ class Drafting:
             if all_may_pause:  # (not a pause: a limit)
                 self.quiet_until = schedule.next_probe(rows)
             return None, None, None
+        self.drafted = True
         history, history_lens = state.history, state.history_lens
         choose = self._choose
         if isinstance(self.drafter, ModelDrafter) and not wanted_host.all():
@@ -109,6 +120,10 @@ class Drafting:
         return self.drafter.propose(
             state.rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose
         )
+
+    def after_sync(self, tokens: int, rows: int) -> None:
+        """The step's ``tokens`` over ``rows`` rows are known on the host: time it for the gate."""
+        self.gate.record(self.drafted, tokens, rows)
 
     def _choose(self, logits: torch.Tensor):
         if not self.request.do_sample:

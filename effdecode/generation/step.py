@@ -185,7 +185,7 @@ class DecodeCall:
         """The step's one device-to-host copy, and what the host-side participants learn from it."""
         state, thinking, stop = self.state, self.thinking, self.stop
         parts = [leaving]
-        if self.compression is not None:
+        if self.compression is not None or self.drafting is not None:
             parts.append(counts)
         if self.deer:
             parts += [triggered, thinking.confident[state.rows_long]]
@@ -198,7 +198,9 @@ class DecodeCall:
             return ~leaving_host, bool(leaving_host.all())
         synced = iter(torch.stack([part.long() for part in parts]).cpu().numpy())  # the step's one sync
         leaving_host = next(synced).astype(bool)
-        kept_host = next(synced) if self.compression is not None else None
+        kept_host = next(synced) if self.compression is not None or self.drafting is not None else None
+        if self.drafting is not None:
+            self.drafting.after_sync(int(kept_host.sum()), len(kept_host))
         decided = None
         if self.deer:
             self.triggered_host, confident_host = next(synced), next(synced).astype(bool)
