@@ -33,7 +33,7 @@ def _random_cache(
     capacity: int,
     head_dim: int,
     dtype: torch.dtype,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
 ) -> SlotKVCache:
     """A cache on ``device`` filled from CPU draws (so one seed gives the same cache on any device)."""
     cache = SlotKVCache(KVGeometry(layers, kv_heads, head_dim), slots, capacity, dtype, device)
