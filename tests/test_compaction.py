@@ -36,6 +36,7 @@ def _random_cache(
     device: torch.device | str = "cpu",
 ) -> SlotKVCache:
     """A cache on ``device`` filled from CPU draws (so one seed gives the same cache on any device)."""
+    device = torch.device(device)
     cache = SlotKVCache(KVGeometry(layers, kv_heads, head_dim), slots, capacity, dtype, device)
     cache.key_buffer.copy_(torch.randn(cache.key_buffer.shape))
     cache.value_buffer.copy_(torch.randn(cache.value_buffer.shape))
