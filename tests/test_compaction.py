@@ -8,7 +8,12 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.kernels.compaction import compact_kv_triton
-from effdecode.ops.compaction import compact_kv, compact_kv_reference, keep_index_from_mask
+from effdecode.ops.compaction import (
+    check_compaction_args,
+    compact_kv,
+    compact_kv_reference,
+    keep_index_from_mask,
+)
 
 IMPLS = {"reference": compact_kv_reference, "triton": compact_kv_triton}
 
@@ -316,6 +321,8 @@ def test_duplicate_rows_are_rejected(impl):
         impl(cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, index, keep)
     for got, want in zip((cache.key_buffer, cache.value_buffer, cache.cache_lens), before, strict=True):
         assert torch.equal(got, want)
-    # The same call with distinct rows runs.
-    impl(cache.key_buffer, cache.value_buffer, cache.cache_lens, rows[:2], index[:2], keep[:2])
+    # The same arguments with distinct rows pass the check (and run, through the reference).
+    distinct = (cache.key_buffer, cache.value_buffer, cache.cache_lens, rows[:2], index[:2], keep[:2])
+    check_compaction_args(*distinct)
+    compact_kv_reference(*distinct)
     assert cache.cache_lens[[2, 0]].tolist() == [2, 2]
