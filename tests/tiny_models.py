@@ -118,6 +118,37 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "vaultgemma": dict(attn_logit_softcapping=2.0, query_pre_attn_scalar=32),
     "starcoder2": dict(layer_types=None),
     "qwen2_moe": dict(layer_types=None, sliding_window=None),
+    # Families that fall back (other caches): only HF runs them.
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        head_dim=8,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        n_group=1,
+        topk_group=1,
+    ),
+    "qwen3_next": dict(
+        layer_types=["linear_attention", "full_attention"],
+        sliding_window=None,
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    ),
+    "falcon_h1": dict(
+        layer_types=None,
+        sliding_window=None,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        mamba_chunk_size=8,
+    ),
+    "lfm2": dict(layer_types=["conv", "full_attention"], sliding_window=None, block_ff_dim=64),
 }
 
 
