@@ -93,7 +93,6 @@ SUPPORTED: dict[str, Family] = {
 FALLBACK: dict[str, str] = {
     "deepseek_v2": "multi-head latent attention: K and V head dims differ",
     "deepseek_v3": "multi-head latent attention: K and V head dims differ",
-    "kimi_k2": "multi-head latent attention: K and V head dims differ",
     "minicpm3": "multi-head latent attention: K and V head dims differ",
     "longcat_flash": "multi-head latent attention: K and V head dims differ",
     "deepseek_v32": "sparse attention over selected indices",

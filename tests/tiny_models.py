@@ -118,6 +118,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "vaultgemma": dict(attn_logit_softcapping=2.0, query_pre_attn_scalar=32),
     "starcoder2": dict(layer_types=None),
     "qwen2_moe": dict(layer_types=None, sliding_window=None),
+    "helium": dict(head_dim=8),  # its o_proj assumes heads * head_dim == hidden_size
     # Families that fall back (other caches): only HF runs them.
     "deepseek_v3": dict(
         num_key_value_heads=4,
