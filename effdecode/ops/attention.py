@@ -11,7 +11,9 @@ Layout (the contract every implementation follows):
   ``cache_lens[rows[b]] + t - (T - q_lens[b])`` and attends causally to all indices up to and including it.
   Columns left of the valid ones are padding: they write nothing and their output is unspecified.
 - ``sliding_window``: if set, a query at cache index ``i`` only sees keys at indices ``> i - sliding_window``
-  (HF's rule: the query itself and the ``sliding_window - 1`` keys before it).
+  (HF's rule: the query itself and the ``sliding_window - 1`` keys before it). Cache indices are positions
+  while nothing has been evicted; after a compaction the window spans the last ``sliding_window`` kept
+  entries. transformers passes each layer's window per call (None on full-attention layers).
 - ``softcap`` (Gemma 2): if set, each logit ``s = scale * q.k`` becomes ``softcap * tanh(s / softcap)`` before
   masking and softmax.
 - ``sinks`` (gpt-oss, HF's ``s_aux``): ``[q_heads]`` learned logits, one per query head, that join every
