@@ -176,12 +176,20 @@ def family_available(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
-def tiny_family_model(model_type: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
+def tiny_family_model(
+    model_type: str,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    **overrides,
+):
     """A tiny random model of any registered family, with non-trivial attention sinks where it has them."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(model_type, **overrides)).to(dtype).eval()
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    config = family_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, **extra).to(dtype).eval()
     for name, param in model.named_parameters():
         if name.endswith(".sinks"):  # gpt-oss: large enough that ignoring them changes the tokens
             with torch.no_grad():
