@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.distributed import check_ranks_agree
 from effdecode.generation.engine import run_generation
 from effdecode.generation.request import Unsupported, build_request
 from effdecode.generation.speculative import run_speculative
@@ -75,6 +76,8 @@ def generate(
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
         return _original_generate(model)(input_ids, **generate_kwargs)
+    # Tensor parallel: every rank must start from the same prompts and RNG state (one small all-gather).
+    check_ranks_agree(model, request.input_ids, request.do_sample, max_new_tokens=request.max_new_tokens)
     if request.speculation is not None:
         return run_speculative(model, request)
     return run_generation(model, request)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.distributed import placement_problem
 from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
 
@@ -166,6 +167,9 @@ def check_model_supported(model: torch.nn.Module) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise Unsupported("model", f"model_type {model_type!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)})")
+    placement = placement_problem(model)
+    if placement is not None:
+        raise Unsupported("device_map", placement)
 
 
 def _infer_attention_mask(
