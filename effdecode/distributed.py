@@ -15,7 +15,8 @@ for them, and the number of entries a row keeps (``min(budget, len)``) depends o
 which every rank knows the same.
 
 Data parallelism (``effdecode eval`` under ``torchrun``): :class:`Topology` splits the world into replicas of
-``tp`` consecutive ranks; problems are sharded by batch over replicas and rank 0 gathers the records.
+``tp`` consecutive ranks; problems are sharded by batch over replicas and the records gathered (rank 0
+prints them).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 __all__ = [
     "Topology",
     "check_ranks_agree",
-    "gather_to_main",
+    "gather_replicas",
     "init_from_env",
     "layer_devices",
     "local_kv_heads",
@@ -311,7 +312,9 @@ def init_from_env(tp: int = 1, device: str | None = None) -> Topology:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size % tp:
-        raise ValueError(f"--tp {tp} does not divide the {world_size} processes torchrun started")
+        raise ValueError(
+            f"--tp {tp} needs a multiple of {tp} processes (torchrun --nproc-per-node ...), got {world_size}"
+        )
     if world_size > 1:
         import torch.distributed as dist
 
@@ -323,10 +326,10 @@ def init_from_env(tp: int = 1, device: str | None = None) -> Topology:
     return Topology(rank=rank, world_size=world_size, local_rank=local_rank, tp=tp)
 
 
-def gather_to_main(obj: Any, topology: Topology) -> list | None:
-    """Every replica's ``obj`` (from its first rank) on rank 0, in replica order; None on other ranks.
+def gather_replicas(obj: Any, topology: Topology) -> list:
+    """Every replica's ``obj`` (taken from its first rank), in replica order, on every rank.
 
-    A no-op list ``[obj]`` for a single process. All ranks must call it.
+    ``[obj]`` for a single process. Every rank must call it (it is a collective).
     """
     if not topology.distributed:
         return [obj]
@@ -334,6 +337,4 @@ def gather_to_main(obj: Any, topology: Topology) -> list | None:
 
     everyone: list = [None] * topology.world_size
     dist.all_gather_object(everyone, obj)
-    if not topology.is_main:
-        return None
     return [everyone[replica * topology.tp] for replica in range(topology.replicas)]
