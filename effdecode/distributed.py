@@ -189,8 +189,8 @@ def check_ranks_agree(
 # ---------------------------------------------------------------------------------- several devices
 
 
-def layer_devices(model: torch.nn.Module) -> list[torch.device] | None:
-    """The device of each decoder layer when ``device_map`` placed the model, or None without one.
+def layer_devices(model: torch.nn.Module) -> list[str] | None:
+    """Where each decoder layer is (``"cuda:0"``, ``"cpu"``, ``"disk"``, ...) under a ``device_map``, or None.
 
     Read from ``model.hf_device_map`` (module name -> device); a layer takes the entry of the longest
     module name that prefixes it (``"model.layers.3"``, ``"model.layers"``, ``"model"`` or ``""``).
@@ -207,7 +207,7 @@ def layer_devices(model: torch.nn.Module) -> list[torch.device] | None:
             if key == "" or name == key or name.startswith(key + "."):
                 if len(key) > best:
                     best, where = len(key), device
-        devices.append(_as_device(where if where is not None else "cpu"))
+        devices.append(_device_name(where if where is not None else "cpu"))
     return devices
 
 
@@ -219,10 +219,16 @@ def _decoder_layer_names(model: torch.nn.Module, num_layers: int) -> list[str]:
     return [f"model.layers.{i}" for i in range(num_layers)]
 
 
-def _as_device(where) -> torch.device:
+def _device_name(where) -> str:
+    """accelerate's map values (GPU index, ``"cpu"``, ``"disk"``, a device) as one spelling."""
     if isinstance(where, int):
-        return torch.device("cuda", where)
-    return torch.device(where)
+        return f"cuda:{where}"
+    if isinstance(where, torch.device) or where not in ("disk", "cpu", "meta", "mps"):
+        try:
+            return str(torch.device(where))
+        except (RuntimeError, TypeError):
+            return str(where)
+    return str(where)
 
 
 def placement_problem(model: torch.nn.Module) -> str | None:
@@ -236,13 +242,13 @@ def placement_problem(model: torch.nn.Module) -> str | None:
     devices = layer_devices(model)
     if devices is None:
         return None
-    distinct = sorted({str(device) for device in devices})
+    distinct = sorted(set(devices))
     if len(distinct) > 1:
         return (
             f"device_map spreads the decoder layers over {', '.join(distinct)}; effdecode's slot cache "
             "keeps all layers in one buffer on one device"
         )
-    if str(devices[0]) in ("disk", "meta"):
+    if devices[0] in ("disk", "meta"):
         return f"device_map offloads the decoder layers to {devices[0]}"
     return None
 
