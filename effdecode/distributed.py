@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "Topology",
+    "agree_any",
     "check_ranks_agree",
     "gather_replicas",
     "init_from_env",
@@ -184,6 +185,25 @@ def check_ranks_agree(
                 "; seed every rank the same (torch.manual_seed(seed)) before sampling" if index == 1 else ""
             )
             raise ValueError(f"tensor-parallel ranks were given different {what}{hint}")
+
+
+def agree_any(model: torch.nn.Module, flag: bool) -> bool:
+    """``flag`` OR-ed over the tensor-parallel ranks of ``model`` (``flag`` itself without TP).
+
+    For host decisions that read something outside the logits every rank shares: the wall clock
+    (``max_time``, a time-based stopping criterion). If one rank stopped while another ran one more forward,
+    their collectives would no longer match; with this every rank stops when any rank would. One tiny
+    all-reduce per call: call it only when such a decision is in play.
+    """
+    group = tp_group(model)
+    if group is None:
+        return bool(flag)
+    import torch.distributed as dist
+
+    device = model.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 # ---------------------------------------------------------------------------------- several devices

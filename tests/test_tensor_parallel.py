@@ -97,3 +97,9 @@ def test_differently_seeded_ranks_are_refused(ranks):
     for record in ranks:
         assert record["rng_mismatch"] is not None
         assert "RNG state" in record["rng_mismatch"]
+
+
+def test_host_decisions_agree_across_ranks(ranks):
+    # One rank's True (its clock ran out) stops every rank; the replicated model needs no agreement.
+    assert ranks[0]["agree_any"] == [True, False, True]
+    assert ranks[1]["agree_any"] == [True, False, False]

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effdecode  # noqa: E402
 from effdecode import DecodeConfig  # noqa: E402
 from effdecode.cache import KVGeometry  # noqa: E402
+from effdecode.distributed import agree_any  # noqa: E402
 from tiny_models import ragged_prompts  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -187,6 +188,10 @@ def main() -> None:
         except ValueError as error:
             return str(error)
         return None
+
+    @check("agree_any")
+    def _():
+        return [agree_any(llama_tp, rank == 0), agree_any(llama_tp, False), agree_any(llama, rank == 0)]
 
     @check("qwen3")
     def _():
