@@ -187,20 +187,36 @@ def check_ranks_agree(
             raise ValueError(f"tensor-parallel ranks were given different {what}{hint}")
 
 
-def agree_any(model: torch.nn.Module, flag: bool) -> bool:
+def agree_any(model: torch.nn.Module, flag: bool | torch.Tensor) -> bool | torch.Tensor:
     """``flag`` OR-ed over the tensor-parallel ranks of ``model`` (``flag`` itself without TP).
 
     For host decisions that read something outside the logits every rank shares: the wall clock
-    (``max_time``, a time-based stopping criterion). If one rank stopped while another ran one more forward,
-    their collectives would no longer match; with this every rank stops when any rank would. One tiny
-    all-reduce per call: call it only when such a decision is in play.
+    (``max_time``, a time-based user stopping criterion). If one rank stopped a row or the loop while another
+    ran one more forward, their collectives would no longer match; with this every rank stops when any rank
+    would. One tiny all-reduce per call: call it only when such a decision is in play.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The target.
+    flag : bool or torch.Tensor
+        A host decision, or a bool ``[B]`` per-row mask (OR-ed element-wise).
+
+    Returns
+    -------
+    bool or torch.Tensor
+        Same kind as ``flag`` (a tensor keeps its device).
     """
     group = tp_group(model)
     if group is None:
-        return bool(flag)
+        return flag if isinstance(flag, torch.Tensor) else bool(flag)
     import torch.distributed as dist
 
     device = model.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if isinstance(flag, torch.Tensor):
+        value = flag.to(device=device, dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return value.to(device=flag.device, dtype=torch.bool)
     value = torch.tensor([int(bool(flag))], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())

@@ -191,7 +191,13 @@ def main() -> None:
 
     @check("agree_any")
     def _():
-        return [agree_any(llama_tp, rank == 0), agree_any(llama_tp, False), agree_any(llama, rank == 0)]
+        rows = torch.tensor([rank == 0, False, rank == 1])
+        return [
+            agree_any(llama_tp, rank == 0),
+            agree_any(llama_tp, False),
+            agree_any(llama, rank == 0),
+            agree_any(llama_tp, rows).tolist(),
+        ]
 
     @check("qwen3")
     def _():
