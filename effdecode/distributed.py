@@ -45,6 +45,8 @@ __all__ = [
 # Names of the projections whose output holds an attention layer's keys (separate or fused).
 _KEY_PROJECTIONS = ("k_proj",)
 _FUSED_KEY_PROJECTIONS = ("qkv_proj", "query_key_value", "c_attn", "Wqkv")
+# TP plan styles whose output stays sharded over the ranks (transformers 5.x; "local_*" from older plans).
+_SHARDED_OUTPUT_STYLES = frozenset({"colwise", "packed_colwise", "local_colwise", "local_packed_colwise"})
 
 
 # ----------------------------------------------------------------------------------------- tensor parallel
@@ -92,8 +94,9 @@ def _plan_style(model: torch.nn.Module, module_name: str) -> str | None:
 def local_kv_heads(model: torch.nn.Module, global_kv_heads: int, head_dim: int) -> int:
     """KV heads the attention layers of this rank produce (``global_kv_heads`` without tensor parallel).
 
-    Read from the first key projection: with a ``"colwise"`` plan style its output is the rank's shard, whose
-    size is the local weight's rows. A fused QKV projection sharded colwise holds ``global / tp`` heads.
+    Read from the first key projection: with a column-wise plan style (``"colwise"``) its output is the rank's
+    shard, whose size is the local weight's rows; other styles (replicated, ``"colwise_gather_output"``) give
+    every head. A fused QKV projection sharded column-wise holds ``global / tp`` heads.
 
     Raises
     ------
@@ -108,7 +111,7 @@ def local_kv_heads(model: torch.nn.Module, global_kv_heads: int, head_dim: int) 
         if leaf not in _KEY_PROJECTIONS + _FUSED_KEY_PROJECTIONS:
             continue
         style = _plan_style(model, name)
-        if style != "colwise":  # replicated, or gathered back to the full output
+        if style not in _SHARDED_OUTPUT_STYLES:  # not in the plan, replicated, or gathered back
             return global_kv_heads
         weight = getattr(module, "weight", None)
         if leaf in _KEY_PROJECTIONS and weight is not None and hasattr(weight, "to_local"):

@@ -1,7 +1,7 @@
 """``effdecode eval`` under ``torchrun``: data-parallel replicas and a tensor-parallel replica (gloo, CPU).
 
-Two processes print exactly the JSON of one process (completions included) apart from the timings; with
-``--tp 2`` the one replica spans both processes and its KV cache is half as large.
+Two processes print exactly the JSON of one process (completions included, sampled here) apart from the
+timings; with ``--tp 2`` the one replica spans both processes (greedy) and its KV cache is half as large.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def _torchrun(*extra: str) -> dict:
     return json.loads(lines[0])
 
 
-@pytest.fixture(scope="module")
-def single() -> dict:
+def _in_process(*extra: str) -> dict:
     import contextlib
     import io
 
@@ -46,10 +45,15 @@ def single() -> dict:
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            assert main(["eval", *FLAGS]) == 0
+            assert main(["eval", *FLAGS, *extra]) == 0
     finally:
         torch.set_num_threads(threads)
     return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return _in_process()
 
 
 pytestmark = pytest.mark.skipif(
@@ -59,16 +63,20 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_two_replicas_print_the_single_process_json(single):
-    two = _torchrun()
-    assert single["n"] == 5 and len(single["completions"]) == 5 and single["accuracy"] > 0
+    # Sampling: each batch draws from its own seed, so the replicas reproduce one process's draws.
+    sampled = ["--do-sample", "--temperature", "3"]
+    one, two = _in_process(*sampled), _torchrun(*sampled)
+    assert one["n"] == 5 and len(one["completions"]) == 5
+    assert one["completions"] != single["completions"]  # it sampled
     assert {k: v for k, v in two.items() if k not in TIMINGS} == {
-        k: v for k, v in single.items() if k not in TIMINGS
+        k: v for k, v in one.items() if k not in TIMINGS
     }
 
 
 def test_tensor_parallel_replica_matches_one_process(single):
     pytest.importorskip("accelerate", reason="transformers needs accelerate for tp_plan")
     tp = _torchrun("--tp", "2")
+    assert single["accuracy"] > 0 and len(single["completions"]) == 5
     assert tp["kv_peak_bytes"] * 2 == single["kv_peak_bytes"]  # each rank caches its own KV heads
     ignore = (*TIMINGS, "kv_peak_bytes")
     assert {k: v for k, v in tp.items() if k not in ignore} == {

@@ -73,5 +73,7 @@ def test_local_kv_heads_from_the_plan(model):
     assert local_kv_heads(model, 2, 16) == 1
     with pytest.raises(ValueError, match="3 KV heads cannot be split over 2"):
         local_kv_heads(model, 3, 16)
+    model._tp_plan = {"model.layers.*.self_attn.k_proj": "packed_colwise"}
+    assert local_kv_heads(model, 4, 16) == 2
     model._tp_plan = {"model.layers.*.self_attn.k_proj": "colwise_gather_output"}
     assert local_kv_heads(model, 2, 16) == 2
