@@ -177,8 +177,8 @@ class EvalResult:
 def _resolve_model(name_or_path: str, device: str, dtype: torch.dtype, tp: int = 1):
     """A shipped reasoner by name, or any HF checkpoint directory, with its tokenizer.
 
-    With ``tp > 1`` (under ``torchrun``) the model is loaded with ``tp_plan="auto"``: transformers shards it
-    over the ranks and places it on each rank's device.
+    With ``tp > 1`` (under ``torchrun``) the model is loaded with its tensor-parallel plan (as
+    ``tp_plan="auto"``): transformers shards it over the ranks and places it on each rank's device.
     """
     from effdecode.workloads.models import REASONER_NAMES, load_reasoner, load_tokenizer, model_dir
 
@@ -190,8 +190,11 @@ def _resolve_model(name_or_path: str, device: str, dtype: torch.dtype, tp: int =
     if not path.is_dir():
         raise ValueError(f"model {name_or_path!r} is neither one of {REASONER_NAMES} nor a directory")
     if tp > 1:
+        # DistributedConfig(tp_size=N) is tp_plan="auto" without its deprecation (transformers 5.17+).
+        from transformers import DistributedConfig
+
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, tp_plan="auto"
+            str(path), dtype=dtype, local_files_only=True, distributed_config=DistributedConfig(tp_size=tp)
         ).eval()
     else:
         model = (
