@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.distributed import check_ranks_agree
 from effdecode.generation.loop import run_generation
 from effdecode.generation.request import Unsupported, build_request
 from effdecode.patch_state import original_generate, patched_config
@@ -66,4 +67,6 @@ def generate(
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
         return original_generate(model)(input_ids, **generate_kwargs)
+    # Tensor parallel: every rank must start from the same prompts and RNG state (one small all-gather).
+    check_ranks_agree(model, request.input_ids, request.do_sample, max_new_tokens=request.max_new_tokens)
     return run_generation(model, request)

@@ -22,6 +22,21 @@ class KVGeometry:
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         return cls(num_layers=text.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> KVGeometry:
+        """The geometry of the KV entries ``model``'s attention layers produce on this process.
+
+        As :meth:`from_config`, except that under tensor parallelism (``tp_plan``) ``kv_heads`` is the
+        rank's local count: the cache holds only the heads this rank computes.
+        """
+        from effdecode.distributed import local_kv_heads
+
+        geometry = cls.from_config(model.config)
+        local = local_kv_heads(model, geometry.kv_heads, geometry.head_dim)
+        if local == geometry.kv_heads:
+            return geometry
+        return cls(num_layers=geometry.num_layers, kv_heads=local, head_dim=geometry.head_dim)
+
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes one token occupies across all layers (keys and values)."""
         itemsize = torch.empty((), dtype=dtype).element_size()

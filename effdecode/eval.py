@@ -23,6 +23,7 @@ import torch
 
 import effdecode
 from effdecode.config import KV_POLICIES, DecodeConfig
+from effdecode.distributed import Topology, gather_replicas, init_from_env
 from effdecode.workloads.problems import LEVELS, THINK_END, Problem, extract_answer, generate_problems
 
 # Strings of the workload's trace format used by the early-exit probe and the thinking budget.
@@ -173,20 +174,36 @@ class EvalResult:
         return out
 
 
-def _resolve_model(name_or_path: str, device: str, dtype: torch.dtype):
-    """A shipped reasoner by name, or any HF checkpoint directory, with its tokenizer."""
-    from effdecode.workloads.models import REASONER_NAMES, load_reasoner
+def _resolve_model(name_or_path: str, device: str, dtype: torch.dtype, tp: int = 1):
+    """A shipped reasoner by name, or any HF checkpoint directory, with its tokenizer.
 
-    if name_or_path in REASONER_NAMES:
+    With ``tp > 1`` (under ``torchrun``) the model is loaded with its tensor-parallel plan (as
+    ``tp_plan="auto"``): transformers shards it over the ranks and places it on each rank's device.
+    """
+    from effdecode.workloads.models import REASONER_NAMES, load_reasoner, load_tokenizer, model_dir
+
+    if tp <= 1 and name_or_path in REASONER_NAMES:
         return load_reasoner(name_or_path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path)
+    path = model_dir(name_or_path) if name_or_path in REASONER_NAMES else Path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"model {name_or_path!r} is neither one of {REASONER_NAMES} nor a directory")
-    model = (
-        AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).to(device).eval()
-    )
+    if tp > 1:
+        # DistributedConfig(tp_size=N) is tp_plan="auto" without its deprecation (transformers 5.17+).
+        from transformers import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, distributed_config=DistributedConfig(tp_size=tp)
+        ).eval()
+    else:
+        model = (
+            AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            .to(device)
+            .eval()
+        )
+    if name_or_path in REASONER_NAMES:
+        return model, load_tokenizer(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tokenizer.padding_side = "left"
     return model, tokenizer
@@ -221,12 +238,57 @@ def _generate_kwargs(options: EvalOptions, tokenizer, draft_model) -> dict:
     return kwargs
 
 
+def _batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of batch ``index``: per batch, so a batch draws the same wherever it runs."""
+    return seed * 1_000_003 + index
+
+
+def _run_batches(model, tokenizer, batches, options: EvalOptions, kwargs: dict) -> list[dict]:
+    """Generate ``(index, problems)`` batches; one record per batch (per-row results and the call's stats)."""
+    device = next(model.parameters()).device
+    think_end_id = tokenizer.convert_tokens_to_ids(THINK_END)
+    records = []
+    for index, batch in batches:
+        encoded = tokenizer(
+            [p.prompt for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        input_ids = encoded["input_ids"].to(device)
+        mask = encoded["attention_mask"].to(device)
+        if options.do_sample:
+            torch.manual_seed(_batch_seed(options.seed, index))
+        out = effdecode.generate(model, input_ids, attention_mask=mask, **kwargs)
+        stats = out.stats
+        width = input_ids.shape[1]
+        rows = []
+        for row, problem in enumerate(batch):
+            ids = out.sequences[row, width : width + stats.new_tokens[row]].tolist()
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ok = extract_answer(text) == problem.answer
+            thought = thinking_token_count(ids, think_end_id)
+            rows.append((text, ok, problem.level, stats.new_tokens[row], thought))
+        records.append(
+            dict(
+                index=index,
+                rows=rows,
+                wall_time_s=stats.wall_time_s,
+                target_forwards=stats.target_forwards,
+                kv_peak_tokens=stats.kv_peak_tokens,
+                kv_peak_bytes=stats.kv_peak_bytes,
+                row_forwards=sum(stats.target_row_forwards),
+                proposed=sum(stats.proposed_draft_tokens),
+                accepted=sum(stats.accepted_draft_tokens),
+            )
+        )
+    return records
+
+
 def run_eval(
     model: torch.nn.Module,
     tokenizer,
     options: EvalOptions | None = None,
     draft_model: torch.nn.Module | None = None,
     problems: Sequence[Problem] | None = None,
+    topology: Topology | None = None,
 ) -> EvalResult:
     """Run held-out problems through :func:`effdecode.generate` and measure accuracy and cost.
 
@@ -240,57 +302,72 @@ def run_eval(
         The draft for speculative decoding (needed when ``options.draft`` is set).
     problems : sequence of Problem, optional
         Problems to run instead of ``options.n`` held-out ones.
+    topology : effdecode.distributed.Topology, optional
+        Under ``torchrun``: the batches are dealt round-robin to the replicas (each replica's ranks run the
+        same batches) and every rank gets the gathered result. Batches keep their composition and their
+        sampling seed, so every completion, and the accuracy, is what one process computes.
 
     Returns
     -------
     EvalResult
         Accuracy (overall and per level), mean new / thinking tokens per problem, tokens/s over the
         ``generate`` wall time, the peak KV entries of a row, the draft acceptance rate (accepted / proposed
-        draft tokens) and the mean tokens a row gained per target forward.
+        draft tokens) and the mean tokens a row gained per target forward. With several replicas,
+        ``wall_time_s`` is the slowest replica's ``generate`` time and tokens/s the aggregate throughput.
     """
     options = options or EvalOptions()
     if options.draft is not None and draft_model is None:
         raise ValueError(f"options.draft={options.draft!r} but no draft_model was given")
     if problems is None:
         problems = generate_problems(options.n, levels=options.levels, seed=options.seed, split="test")
-    device = next(model.parameters()).device
-    think_end_id = tokenizer.convert_tokens_to_ids(THINK_END)
     kwargs = _generate_kwargs(options, tokenizer, draft_model if options.draft is not None else None)
-    if options.do_sample:
-        torch.manual_seed(options.seed)
+    size = options.batch_size
+    batches = [(i, problems[start : start + size]) for i, start in enumerate(range(0, len(problems), size))]
 
-    result = EvalResult(options=options, n=len(problems))
+    if topology is None or not topology.distributed:
+        records = _run_batches(model, tokenizer, batches, options, kwargs)
+        per_replica = [records]
+    else:
+        mine = batches[topology.replica :: topology.replicas]
+        try:
+            outcome = (_run_batches(model, tokenizer, mine, options, kwargs), None)
+        except Exception as error:  # noqa: BLE001 - every rank must reach the gather, then all raise
+            outcome, own_error = (None, f"{type(error).__name__}: {error}"), error
+        else:
+            own_error = None
+        gathered = gather_replicas(outcome, topology)
+        if own_error is not None:
+            raise own_error
+        failed = [(replica, err) for replica, (_, err) in enumerate(gathered) if err is not None]
+        if failed:
+            replica, err = failed[0]
+            raise RuntimeError(f"replica {replica} failed: {err}")
+        per_replica = [records for records, _ in gathered]
+    return _summarize(options, len(problems), per_replica)
+
+
+def _summarize(options: EvalOptions, n: int, per_replica: list[list[dict]]) -> EvalResult:
+    """One :class:`EvalResult` from every replica's batch records (merged in batch order)."""
+    records = sorted((record for records in per_replica for record in records), key=lambda r: r["index"])
+    result = EvalResult(options=options, n=n)
     new_tokens: list[int] = []
     thinking: list[int] = []
-    row_forwards = proposed = accepted = 0
     per_level: dict[int, list[bool]] = {}
-    for start in range(0, len(problems), options.batch_size):
-        batch = problems[start : start + options.batch_size]
-        encoded = tokenizer(
-            [p.prompt for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        input_ids = encoded["input_ids"].to(device)
-        mask = encoded["attention_mask"].to(device)
-        out = effdecode.generate(model, input_ids, attention_mask=mask, **kwargs)
-        stats = out.stats
-        width = input_ids.shape[1]
-        for row, problem in enumerate(batch):
-            ids = out.sequences[row, width : width + stats.new_tokens[row]].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+    for record in records:
+        for text, ok, level, new, think in record["rows"]:
             result.completions.append(text)
-            ok = extract_answer(text) == problem.answer
             result.correct += ok
-            per_level.setdefault(problem.level, []).append(ok)
-            new_tokens.append(stats.new_tokens[row])
-            thinking.append(thinking_token_count(ids, think_end_id))
-        result.wall_time_s += stats.wall_time_s
-        result.target_forwards += stats.target_forwards
-        result.kv_peak_tokens = max(result.kv_peak_tokens, stats.kv_peak_tokens)
-        result.kv_peak_bytes = max(result.kv_peak_bytes, stats.kv_peak_bytes)
-        row_forwards += sum(stats.target_row_forwards)
-        proposed += sum(stats.proposed_draft_tokens)
-        accepted += sum(stats.accepted_draft_tokens)
-
+            per_level.setdefault(level, []).append(ok)
+            new_tokens.append(new)
+            thinking.append(think)
+        result.target_forwards += record["target_forwards"]
+        result.kv_peak_tokens = max(result.kv_peak_tokens, record["kv_peak_tokens"])
+        result.kv_peak_bytes = max(result.kv_peak_bytes, record["kv_peak_bytes"])
+    row_forwards = sum(record["row_forwards"] for record in records)
+    proposed = sum(record["proposed"] for record in records)
+    accepted = sum(record["accepted"] for record in records)
+    # Replicas run side by side: the evaluation takes as long as the slowest one.
+    result.wall_time_s = max(sum(record["wall_time_s"] for record in records) for records in per_replica)
     result.accuracy = result.correct / result.n
     result.accuracy_per_level = {lv: sum(oks) / len(oks) for lv, oks in sorted(per_level.items())}
     result.mean_new_tokens = sum(new_tokens) / result.n
@@ -359,22 +436,31 @@ def run_sweep(
     out_dir: str | Path = ".",
     draft_model: torch.nn.Module | None = None,
     log=print,
+    topology: Topology | None = None,
 ) -> list[dict]:
     """Run every configuration of ``grid`` on the same problems; write a table, JSON and a plot.
 
     The files are ``sweep.md``, ``sweep.json`` and ``sweep.png`` in ``out_dir``.
 
-    A configuration that raises gets a row with its ``error`` and no metrics; the sweep goes on.
+    A configuration that raises gets a row with its ``error`` and no metrics; the sweep goes on. Under
+    ``torchrun`` (``topology``) every configuration is sharded over the replicas as in :func:`run_eval`;
+    only rank 0 logs and writes the files.
     """
+    main_rank = topology is None or topology.is_main
+    if not main_rank:
+        log = lambda *_, **__: None  # noqa: E731
     grid = grid or SweepGrid()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
     problems = generate_problems(base.n, levels=base.levels, seed=base.seed, split="test")
     rows = []
     for family, options in grid.configurations(base):
         started = time.perf_counter()
         try:
-            row = run_eval(model, tokenizer, options, draft_model=draft_model, problems=problems).to_dict()
+            row = run_eval(
+                model, tokenizer, options, draft_model=draft_model, problems=problems, topology=topology
+            ).to_dict()
         except Exception as error:  # noqa: BLE001 - a sweep records what failed and goes on
             row = {name: None for name in METRICS}
             row.update(
@@ -384,6 +470,8 @@ def run_sweep(
         rows.append(row)
         status = row["error"] or f"accuracy {row['accuracy']:.1%}, {row['mean_new_tokens']:.1f} new tokens"
         log(f"[{time.perf_counter() - started:5.1f}s] {family:15s} {row['config']}: {status}")
+    if not main_rank:
+        return rows
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "sweep.md").write_text(sweep_table(rows))
     plot_sweep(rows, out_dir / "sweep.png")
@@ -498,6 +586,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="cpu")
     model.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     model.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks per model replica under torchrun (tp_plan='auto'); the problems are "
+        "sharded over the WORLD_SIZE / tp replicas, rank 0 prints",
+    )
+    model.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 runs best on a busy small machine)"
     )
     gen = parser.add_argument_group("generate")
@@ -580,16 +675,32 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``effdecode eval`` with parsed flags; the exit status."""
+    """Run ``effdecode eval`` with parsed flags; the exit status.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process joins ``torch.distributed`` (gloo, or NCCL with
+    ``--device cuda``, each process on GPU ``LOCAL_RANK``), groups of ``--tp`` ranks form one model replica,
+    the problems are sharded over the replicas and rank 0 prints what one process would.
+    """
     options = options_from_args(args)
     options.decode_config()  # bad DecodeConfig values fail here, before any model loads
+    tp = getattr(args, "tp", 1)
+    topology = init_from_env(tp, args.device)
+    if topology.tp > 1 and topology.tp != topology.world_size:
+        raise ValueError(
+            f"--tp {topology.tp} with {topology.world_size} processes: transformers shards a tp_plan model "
+            "over all torchrun ranks, so a tensor-parallel replica must span the whole job; use --tp "
+            f"{topology.world_size}, or --tp 1 for {topology.world_size} data-parallel replicas"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = args.device
+    if topology.distributed and device == "cuda":
+        device = f"cuda:{topology.local_rank}"
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = _resolve_model(args.model, args.device, dtype)
+    model, tokenizer = _resolve_model(args.model, device, dtype, tp=topology.tp)
     draft_model = None
-    if options.draft is not None:
-        draft_model, _ = _resolve_model(options.draft, args.device, dtype)
+    if options.draft is not None:  # replicated on every rank, next to the target
+        draft_model, _ = _resolve_model(options.draft, str(model.device), dtype)
     warm = replace(options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None)
     run_eval(model, tokenizer, replace(warm, early_exit=False), draft_model=draft_model)  # one-time setup
     if args.sweep:
@@ -600,11 +711,15 @@ def main(args: argparse.Namespace) -> int:
             early_exit_thresholds=tuple(args.sweep_thresholds),
         )
         log = (lambda *a, **k: None) if args.json else print
-        rows = run_sweep(model, tokenizer, options, grid, args.out, draft_model=draft_model, log=log)
-        if args.json:
+        rows = run_sweep(
+            model, tokenizer, options, grid, args.out, draft_model=draft_model, log=log, topology=topology
+        )
+        if args.json and topology.is_main:
             print(json.dumps(rows))
         return 0
-    result = run_eval(model, tokenizer, options, draft_model=draft_model)
+    result = run_eval(model, tokenizer, options, draft_model=draft_model, topology=topology)
+    if not topology.is_main:
+        return 0
     if args.json:
         print(json.dumps(_finite(result.to_dict(completions=args.show > 0))))
     else:

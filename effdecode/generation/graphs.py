@@ -218,7 +218,7 @@ def decode_cache(
     attention scores (``kv_policy="h2o"``) cannot replay a graph, so such calls get a fresh cache.
     """
     device = model.device
-    geometry = KVGeometry.from_config(model.config)
+    geometry = KVGeometry.from_model(model)  # the rank's own KV heads under tensor parallel
     if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o"):
         graphs = graphs_of(model)
         return graphs.cache_for(model, geometry, rows, capacity, model.dtype, device), graphs

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.distributed import placement_problem
 from effdecode.families import SUPPORTED, unsupported_reason
 from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
@@ -167,6 +168,9 @@ def check_model_supported(model: torch.nn.Module) -> None:
     reason = unsupported_reason(getattr(config, "model_type", None))
     if reason is not None:
         raise Unsupported("model", reason)
+    placement = placement_problem(model)
+    if placement is not None:
+        raise Unsupported("device_map", placement)
 
 
 def _infer_attention_mask(
