@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from effdecode.config import DecodeConfig
+from effdecode.config import DecodeConfig, as_decode_config
 from effdecode.generation.engine import run_generation
 from effdecode.generation.request import Unsupported, build_request
 from effdecode.generation.speculative import run_speculative
@@ -40,7 +40,7 @@ def generate(
         Any ``generate`` argument (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``min_p``, ``repetition_penalty``, ``eos_token_id``, ``stop_strings`` with ``tokenizer``,
         ``logits_processor``, ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ...), plus
-        ``decode_config`` (:class:`effdecode.DecodeConfig`).
+        ``decode_config`` (:class:`effdecode.DecodeConfig`, or a dict of its fields).
 
     Returns
     -------
@@ -58,7 +58,7 @@ def generate(
         input_ids = generate_kwargs.pop("inputs", None)
     if input_ids is None:
         input_ids = generate_kwargs.pop("input_ids", None)
-    decode_config = generate_kwargs.pop("decode_config", None)
+    decode_config = as_decode_config(generate_kwargs.pop("decode_config", None))
     if decode_config is None:
         from effdecode.patch import patched_config
 

@@ -196,9 +196,11 @@ def _validate_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, voc
     expected = torch.arange(num_cols, device=mask.device)[None, :] >= (num_cols - prompt_lens)[:, None]
     bad_rows = (mask != expected).any(dim=1).nonzero().flatten().tolist()
     if bad_rows:
-        raise ValueError(
-            f"rows {bad_rows} are right-padded (or have gaps) in attention_mask; decoder-only generation "
-            "continues after the last column, so pad on the left: tokenizer.padding_side = 'left'"
+        # transformers generates from such a batch (with a warning of its own); so do we, through it.
+        raise Unsupported(
+            "attention_mask",
+            f"rows {bad_rows} are right-padded or have gaps; the slot cache needs each row's real tokens to "
+            "end at the last column, i.e. left padding: tokenizer.padding_side = 'left'",
         )
     real = input_ids[mask]
     out_of_range = (real < 0) | (real >= vocab_size)
@@ -268,6 +270,7 @@ def build_request(
     for name, value in model_kwargs.items():
         if name not in _IGNORED_MODEL_KWARGS and value is not None:
             raise Unsupported(name)
+    _warn_ignored_cache_options(config)
 
     device = model.device
     input_ids = input_ids.to(device)
@@ -361,6 +364,23 @@ def build_request(
         speculation=speculation,
         thinking=thinking,
     )
+
+
+def _warn_ignored_cache_options(config) -> None:
+    """One warning for transformers' cache/compile options, which effdecode's own cache replaces."""
+    ignored = []
+    if getattr(config, "cache_implementation", None) is not None:
+        ignored.append(f"cache_implementation={config.cache_implementation!r}")
+    # ISSUE-12 HOOK: once DecodeConfig(compile=True) exists, map a compile_config to the compiled decode step
+    # here (e.g. decode_config = dataclasses.replace(decode_config, compile=True)) instead of ignoring it.
+    if getattr(config, "compile_config", None) is not None:
+        ignored.append("compile_config")
+    if ignored:
+        warnings.warn(
+            f"effdecode: {' and '.join(ignored)} ignored: effdecode decodes with its own slot KV cache "
+            "(DecodeConfig(cuda_graphs=True) replays CUDA graphs)",
+            stacklevel=4,
+        )
 
 
 def _check_kv_budget(decode_config: DecodeConfig, prompt_lens: torch.Tensor) -> None:
