@@ -8,16 +8,9 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig, as_decode_config
-from effdecode.generation.engine import run_generation
+from effdecode.generation.loop import run_generation
 from effdecode.generation.request import Unsupported, build_request
-from effdecode.generation.speculative import run_speculative
-
-
-def _original_generate(model: torch.nn.Module):
-    """transformers' ``generate`` bound to ``model``, even while ``model.generate`` is patched."""
-    from effdecode.patch import original_generate
-
-    return original_generate(model)
+from effdecode.patch_state import original_generate, patched_config
 
 
 def generate(
@@ -60,8 +53,6 @@ def generate(
         input_ids = generate_kwargs.pop("input_ids", None)
     decode_config = as_decode_config(generate_kwargs.pop("decode_config", None))
     if decode_config is None:
-        from effdecode.patch import patched_config
-
         decode_config = patched_config(model) or DecodeConfig()
     try:
         request = build_request(model, input_ids, attention_mask, generate_kwargs, decode_config)
@@ -74,7 +65,5 @@ def generate(
         )
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
-        return _original_generate(model)(input_ids, **generate_kwargs)
-    if request.speculation is not None:
-        return run_speculative(model, request)
+        return original_generate(model)(input_ids, **generate_kwargs)
     return run_generation(model, request)

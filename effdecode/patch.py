@@ -1,4 +1,8 @@
-"""Make ``model.generate`` run effdecode, reversibly."""
+"""Make ``model.generate`` run effdecode, reversibly.
+
+What ``patch`` records lives in :mod:`effdecode.patch_state`, which :mod:`effdecode.api` reads: this module
+imports the API, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +12,16 @@ from collections.abc import Iterator
 
 import torch
 
+from effdecode.api import generate
 from effdecode.config import DecodeConfig, as_decode_config
 from effdecode.generation.graphs import release_graphs
-
-_STATE_ATTR = "_effdecode_patch"
-_MISSING = object()
-
-
-class _PatchState:
-    """What ``unpatch`` needs to restore, and the config the patched ``generate`` uses."""
-
-    def __init__(self, previous_generate: object, config: DecodeConfig) -> None:
-        self.previous_generate = previous_generate  # the instance attribute before patching, or _MISSING
-        self.config = config
-
-
-def _state(model: torch.nn.Module) -> _PatchState | None:
-    return model.__dict__.get(_STATE_ATTR)
-
-
-def patched_config(model: torch.nn.Module) -> DecodeConfig | None:
-    """The DecodeConfig given to :func:`patch`, or None if ``model`` is not patched."""
-    state = _state(model)
-    return state.config if state is not None else None
-
-
-def original_generate(model: torch.nn.Module):
-    """The ``generate`` that ``model`` had before :func:`patch`, bound to it."""
-    state = _state(model)
-    if state is None or state.previous_generate is _MISSING:
-        return type(model).generate.__get__(model)
-    return state.previous_generate
+from effdecode.patch_state import (
+    _MISSING,
+    _STATE_ATTR,
+    _PatchState,
+    _state,
+    patched_config,
+)
 
 
 def patch(model: torch.nn.Module, config: DecodeConfig | dict | None = None) -> torch.nn.Module:
@@ -52,8 +35,6 @@ def patch(model: torch.nn.Module, config: DecodeConfig | dict | None = None) -> 
     if state is not None:
         state.config = config or DecodeConfig()
         return model
-    from effdecode.api import generate
-
     previous = model.__dict__.get("generate", _MISSING)
 
     @functools.wraps(type(model).generate)

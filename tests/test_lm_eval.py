@@ -18,10 +18,6 @@ lm_eval_hf = pytest.importorskip(
 )
 from lm_eval.api.instance import Instance  # noqa: E402
 
-# Full-batch criteria (issue 18): until generation/user_hooks.py is wired into the decode loop, effdecode
-# hands criteria only the running rows and lm_eval's MultiTokenEOSCriteria raises IndexError at batch > 1.
-FULL_BATCH_CRITERIA_WIRED = False
-
 
 @pytest.fixture(scope="module")
 def reasoner():
@@ -60,17 +56,10 @@ def test_generate_until_patched_equals_unpatched(reasoner, batch_size, until):
         assert len({len(text) for text in patched}) > 1 and all("c1 r" not in text for text in patched)
 
 
-def test_lm_eval_criteria_on_rows_that_finish_at_different_steps(reasoner, request):
+def test_lm_eval_criteria_on_rows_that_finish_at_different_steps(reasoner):
     """lm_eval's own stop criteria, as ``HFLM._model_generate`` builds them, on a batch whose rows finish by
-    EOS at different steps (row 0 after 75 tokens, the others run on): transformers' tokens exactly."""
-    if not FULL_BATCH_CRITERIA_WIRED:
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=IndexError,
-                strict=True,
-                reason="criteria see only running rows until user_hooks is wired into the loop",
-            )
-        )
+    EOS at different steps (row 0 after 75 tokens, the others run on): transformers' tokens exactly.
+    (Before the full-batch view, effdecode handed criteria only the live rows: IndexError in lm_eval.)"""
     from lm_eval.models.utils_hf import stop_sequences_criteria
 
     model, tokenizer = reasoner

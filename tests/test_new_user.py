@@ -13,7 +13,7 @@ from transformers import CompileConfig
 
 import effdecode
 from effdecode.ops import backend as backend_module
-from effdecode.patch import original_generate
+from effdecode.patch_state import original_generate
 from tiny_models import ragged_prompts, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"

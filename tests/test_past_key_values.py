@@ -1,8 +1,6 @@
 """``past_key_values`` of effdecode's output: transformers' cache, built lazily, continuable with HF generate.
 
-The engine's loop attaches the cache (``output.attach_cache(LazyHFCache(...))``); until that line is on the
-loop, ``_generate_with_cache`` attaches it here from the slot cache the engine used, which checks the same
-:func:`build_hf_cache` on the engine's real cache.
+The loop attaches it at the end of a call (``DecodeCall.finish``: ``output.attach_cache(LazyHFCache(...))``).
 """
 
 from __future__ import annotations
@@ -14,37 +12,13 @@ import pytest
 import torch
 
 import effdecode
-from effdecode.generation import engine as engine_module
-from effdecode.generation.output import CACHE_FIELD, EffdecodeGenerateOutput, LazyHFCache, build_hf_cache
-from effdecode.patch import original_generate
+from effdecode.generation.output import CACHE_FIELD, EffdecodeGenerateOutput, build_hf_cache
+from effdecode.patch_state import original_generate
 from tiny_models import ragged_prompts, tiny_model
 
 
 def _generate_with_cache(model, input_ids, monkeypatch, **kwargs) -> EffdecodeGenerateOutput:
-    captured = []
-    real = engine_module.decode_cache
-
-    def capture(*args, **kw):
-        cache, graphs = real(*args, **kw)
-        captured.append(cache)
-        return cache, graphs
-
-    monkeypatch.setattr(engine_module, "decode_cache", capture)
-    out = effdecode.generate(model, input_ids, return_dict_in_generate=True, **kwargs)
-    if out.__dict__.get("_lazy_cache") is None and out.__dict__.get("_cache_value") is None:
-        mask = kwargs["attention_mask"]
-        new_tokens = torch.tensor(out.stats.new_tokens)
-        lazy = LazyHFCache(
-            captured[0],
-            torch.arange(input_ids.shape[0]),
-            mask.sum(1),
-            new_tokens,
-            input_ids.shape[1],
-            out.sequences.shape[1] - 1,
-            model.config,
-        )
-        out.attach_cache(lazy)
-    return out
+    return effdecode.generate(model, input_ids, return_dict_in_generate=True, **kwargs)
 
 
 def _hf(model, input_ids, **kwargs):

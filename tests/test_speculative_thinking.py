@@ -13,7 +13,7 @@ from transformers import StoppingCriteriaList
 
 import effdecode
 from effdecode import DecodeConfig
-from effdecode.generation import speculative
+from effdecode.generation import drafters, step
 from effdecode.generation.markers import first_marker_end
 from effdecode.generation.thinking import ThinkingController
 from tiny_models import tiny_model
@@ -224,8 +224,8 @@ def test_replaced_trigger_leaves_the_draft_cache(monkeypatch):
     # Layer-0 keys depend on the token and its position only: with the target as its own draft, both caches
     # must hold the same keys wherever both hold entries, so no replaced trigger token stays in the draft's.
     caches = {}
-    original_init = speculative.ModelDrafter.__init__
-    original_cache = speculative.decode_cache
+    original_init = drafters.ModelDrafter.__init__
+    original_cache = step.decode_cache
 
     def drafter_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -236,8 +236,8 @@ def test_replaced_trigger_leaves_the_draft_cache(monkeypatch):
         caches["target"] = cache
         return cache, graphs
 
-    monkeypatch.setattr(speculative.ModelDrafter, "__init__", drafter_init)
-    monkeypatch.setattr(speculative, "decode_cache", target_cache)
+    monkeypatch.setattr(drafters.ModelDrafter, "__init__", drafter_init)
+    monkeypatch.setattr(step, "decode_cache", target_cache)
     model, ids, mask, _, free = _deer_case(50.0, 30)
     width = ids.shape[1]
     triggers = [free.sequences[row, width + 2 : width + 4].tolist() for row in range(3)]

@@ -2,12 +2,16 @@
 
 - :class:`DraftSchedule`: per-row draft lengths ("constant", "heuristic", "adaptive"), pausing rows whose
   drafts keep failing and probing them again later.
+- :class:`DraftGate`: the batch-level check that drafting pays at all: steps that verify drafts must give
+  more tokens per second than steps that do not, measured, or drafting pauses for the whole batch.
 - :class:`NgramDrafter`: prompt lookup in each row's own history (no model, no cache).
 - :class:`ModelDrafter`: a small model with its own slot cache, rolled back like the target's (and evicted to
   the target's KV budget with streaming when eviction is on).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -80,6 +84,74 @@ class DraftSchedule:
             updated = mean.floor().to(torch.int32) + 1
         updated = updated.clamp(1, self.plan.num_draft).to(torch.int32)
         self.lengths[rows] = torch.where(drafted, updated, current)
+
+
+class DraftGate:
+    """Measured check that drafting pays for the whole batch; while it does not, no row drafts.
+
+    A verify forward is wider than a plain step for every row (rows are padded to the widest), so drafts that
+    are accepted too rarely cost more than they save; how much more depends on the device and the model, so
+    it is measured: tokens per second of the steps that verified drafts against those that did not (moving
+    averages over the call). Plain steps are timed when drafting gains less than ``EXPLORE_BELOW`` tokens per
+    row and step (a draft that nearly always lands is never second-guessed). When drafting loses, the gate
+    closes for ``FIRST_PAUSE`` steps, doubling after each check that loses again (up to ``LAST_PAUSE``); a
+    closed gate makes every step a plain one at a plain step's cost (no proposal, no host copy for it).
+    Greedy output never depends on it, only speed.
+    """
+
+    MIN_STEPS = 4
+    EXPLORE_BELOW = 1.5
+    REFRESH = 64  # drafting steps after which plain steps are timed again
+    FIRST_PAUSE = 16
+    LAST_PAUSE = 256
+    DECAY = 0.8
+
+    def __init__(self) -> None:
+        self.tokens = [0.0, 0.0]  # decayed sums, [plain, drafting]
+        self.seconds = [0.0, 0.0]
+        self.samples = [0, 0]  # steps measured of each kind (drafting: since the gate last opened)
+        self.gain = [0.0, 0.0]  # decayed sums of tokens per row of drafting steps, and of their weights
+        self.last: float | None = None
+        self.step = 0
+        self.closed_until = 0
+        self.pause = self.FIRST_PAUSE
+        self.since_plain = 0  # drafting steps since plain steps were last timed
+
+    @property
+    def open(self) -> bool:
+        return self.step >= self.closed_until
+
+    def rate(self, drafted: bool) -> float:
+        return self.tokens[drafted] / max(self.seconds[drafted], 1e-9)
+
+    def record(self, drafted: bool, tokens: int, rows: int) -> None:
+        """After a step's sync: it emitted ``tokens`` over ``rows`` rows and did (not) verify drafts."""
+        now = time.perf_counter()
+        self.step += 1
+        if self.last is not None:
+            self.tokens[drafted] = self.DECAY * self.tokens[drafted] + tokens
+            self.seconds[drafted] = self.DECAY * self.seconds[drafted] + (now - self.last)
+            self.samples[drafted] += 1
+            if drafted:
+                self.gain = [self.DECAY * self.gain[0] + tokens / rows, self.DECAY * self.gain[1] + 1.0]
+                self.since_plain += 1
+            else:
+                self.since_plain = 0
+        self.last = now
+        if not drafted or self.samples[True] < self.MIN_STEPS:
+            return
+        if self.gain[0] >= self.EXPLORE_BELOW * self.gain[1]:
+            return
+        if self.samples[False] < self.MIN_STEPS or self.since_plain >= self.REFRESH:
+            self.samples[False] = 0
+            self.closed_until = self.step + self.MIN_STEPS  # time a few plain steps
+            self.since_plain = 0
+        elif self.rate(True) < self.rate(False):
+            self.closed_until = self.step + self.pause
+            self.pause = min(2 * self.pause, self.LAST_PAUSE)
+            self.samples[True] = 0
+        else:
+            self.pause = self.FIRST_PAUSE
 
 
 class NgramDrafter:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+OPEN_END = 1 << 62  # the span end of a row still thinking
+
 
 def resolve_marker(marker: str | Sequence[int] | None, tokenizer, name: str) -> list[int] | None:
     """Token ids of a marker given as text (encoded without special tokens) or as ids; None stays None.

@@ -1,23 +1,22 @@
-"""Thinking spans in the plain decode loop: tracking them, thinking budgets and DEER early exit.
+"""Thinking control: one controller for thinking spans, thinking budgets and DEER early exit.
 
 Every row has a thinking span in RoPE positions ``[start, end)`` (the tokens between ``think_start`` and
 ``think_end``, markers excluded; ``end`` is huge while the span is open). A row thinks from its open
 ``think_start`` in the prompt (or generated later), or from its first new token when ``think_start`` is None.
 
-Thinking budget: once a row has chosen ``thinking_budget`` thinking tokens, the next ones are forced:
-``think_end_prefix`` then ``think_end``; the row then writes its answer.
+A step emits a run of tokens per row (one in plain decoding, accepted drafts plus one under speculation);
+these rules keep every row's thinking the same whatever the run lengths:
 
-Early exit ("deer", after DEER: Dynamic Early Exit in Reasoning): when a thinking row generates a trigger (a
-thought boundary such as "Wait"), it *probes*. Its next forward feeds the trigger as usual; the logits it
-gives (the row's real next-token distribution) are saved and nothing is emitted. The forward after that feeds
-the probe text (which contains ``think_end``), then ``early_exit_answer_tokens - 1`` greedy answer tokens
-follow, one per forward. The probe's entries sit at the end of the row's slot cache. If the answer tokens'
-confidence reaches the threshold, the probe text becomes the row's own text (thinking ends; the answer tokens
-are dropped and the answer is decoded again with the call's own sampling); otherwise the cache length rolls
-back to the trigger and the row goes on thinking from the saved logits, exactly as if it had never probed.
-Probing rows share the batched forwards of the other rows; the cache is never copied.
+- **Budget caps the drafts.** A thinking row that may still choose ``r`` thinking tokens drafts at most
+  ``r - 1``, so its run never passes the budget.
+- **Forced text rides as drafts.** A row out of budget feeds ``think_end_prefix + think_end`` as if they were
+  drafts and emits them whatever the target says, so the target's cache sees exactly the forced text. A row
+  whose cache (KV limit) or ``max_new_tokens`` has less room forces the rest next step.
+- **Runs end at markers.** A run is cut right after a ``think_start``/``think_end`` it contains (and, with
+  early exit, after a trigger), so a row's thinking state only changes at the end of a run.
 
-All state is per slot on the device; the host knows which rows probe (from the step's one sync).
+Early exit (DEER probes) is in :mod:`effdecode.generation.probes`. All state is per slot on the device; the
+host knows which rows probe (from the step's one sync).
 """
 
 from __future__ import annotations
@@ -28,9 +27,14 @@ import numpy as np
 import torch
 
 from effdecode.config import DecodeConfig
-from effdecode.generation.markers import ends_with, last_occurrence, resolve_marker
-
-OPEN_END = 1 << 62  # span end of a row still thinking
+from effdecode.generation.markers import (
+    OPEN_END,
+    ends_with,
+    first_marker_end,
+    last_occurrence,
+    resolve_marker,
+)
+from effdecode.generation.probes import ProbeHooks
 
 
 @dataclass(frozen=True)
@@ -96,31 +100,11 @@ def thinking_plan(config: DecodeConfig, tokenizer) -> ThinkingPlan | None:
     )
 
 
-@dataclass
-class StepEmission:
-    """What the rows of one step emit.
-
-    Attributes
-    ----------
-    tokens : torch.Tensor
-        int64 ``[B, W]``: each row's emitted tokens, left-aligned.
-    counts : torch.Tensor
-        int64 ``[B]``: tokens emitted (0 for a row in the middle of a probe).
-    feed : torch.Tensor
-        int64 ``[B]``: the token each row feeds to the next forward.
-    rewind : torch.Tensor or None
-        int64 ``[B]``: tokens taken back from the row's end before ``tokens`` are written (a confident probe
-        that replaces its trigger); None for none.
-    """
-
-    tokens: torch.Tensor
-    counts: torch.Tensor
-    feed: torch.Tensor
-    rewind: torch.Tensor | None = None
+NO_CAP = 1 << 30
 
 
-class ThinkingController:
-    """Per-slot thinking state of one call in the plain loop (see the module docstring).
+class ThinkingController(ProbeHooks):
+    """Per-slot thinking state of one call (see the module docstring); the DEER hooks come from ProbeHooks.
 
     Parameters
     ----------
@@ -188,246 +172,171 @@ class ThinkingController:
             self.answer_token = torch.zeros(slots, dtype=torch.long, device=device)
             self.trigger_len = torch.zeros(slots, dtype=torch.long, device=device)
 
-    # -- hooks of the plain loop, in call order ------------------------------------------------------------
+        self.forced_counts: torch.Tensor | None = None  # [B] forced tokens of the current step's rows
 
-    @property
-    def probe_width(self) -> int:
-        """Query columns of the forward that feeds the probe text."""
-        return int(self.probe_ids.shape[0]) if self.probe_ids is not None else 0
+    def limits(
+        self, rows: torch.Tensor, room: torch.Tensor, free: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's draft caps and forced tokens for ``rows`` (int64 ``[B]``).
 
-    def probing(self, rows: np.ndarray) -> bool:
-        return bool(self.stage[rows].any()) if self.plan.early_exit else False
+        Parameters
+        ----------
+        rows : torch.Tensor
+            int64 ``[B]`` slots of the step.
+        room : torch.Tensor
+            int64 ``[B]``: tokens each row may still emit this step (cache room, ``max_new_tokens``), >= 1.
+        free : torch.Tensor, optional
+            bool ``[B]``: rows not busy with a probe (None: all). Busy rows neither draft nor start forcing
+            here: the controller's ``after_choose`` handles them after the forward, as in the plain loop.
 
-    def before_choose(self, logits: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray) -> torch.Tensor:
-        """Record probing rows' answer tokens; give deciding rows the logits of their real next token.
-
-        ``logits`` ``[B, V]`` are the step's raw logits of ``rows`` (int64, host copy ``rows_host``).
+        Returns
+        -------
+        draft_cap : torch.Tensor
+            int32 ``[B]``: the most drafts a row may verify (0 for forced rows).
+        forced : torch.Tensor
+            int64 ``[B, F]``: the forced tokens of each row from its forcing progress on (F = forced text).
+        forced_counts : torch.Tensor
+            int64 ``[B]``: forced tokens each row emits this step (0 for rows not forced).
         """
-        stage = self.stage[rows_host]
-        if not self.plan.early_exit:
-            return logits
-        starting_host = self.starting[rows_host]
-        if starting_host.any():
-            starting = torch.as_tensor(starting_host, device=self.device)
-            self.real_logits[rows] = torch.where(starting[:, None], logits.float(), self.real_logits[rows])
-        if not stage.any():
-            return logits
-        plan = self.plan
-        probing = torch.as_tensor(stage > 0, device=self.device)
-        deciding = torch.as_tensor(stage == plan.answer_tokens, device=self.device)
-        probabilities = logits.float().softmax(dim=-1)
-        top, answer = probabilities.max(dim=-1)
-        gained = top.clamp_min(1e-30).log() if plan.geometric else top
-        self.confidence[rows] += torch.where(probing, gained, 0.0)
-        self.answer_token[rows] = torch.where(probing, answer, self.answer_token[rows])
-        mean = self.confidence[rows] / plan.answer_tokens
-        score = mean.exp() if plan.geometric else mean
-        confident = deciding & (score >= plan.threshold)
-        self.confident[rows] = confident
-        saved = torch.where(confident[:, None], self.answer_logits[rows], self.real_logits[rows])
-        return torch.where(deciding[:, None], saved.to(logits.dtype), logits)
-
-    def after_choose(
-        self,
-        chosen: torch.Tensor,
-        rows: torch.Tensor,
-        rows_host: np.ndarray,
-        new_tokens: torch.Tensor,
-        cache,
-    ) -> StepEmission:
-        """Apply forcing and probe outcomes to the chosen tokens ``[B]``; roll back deciding rows' caches."""
-        plan = self.plan
-        device = self.device
-        stage = self.stage[rows_host]
-        busy = (stage > 0) | self.starting[rows_host] if plan.early_exit else stage > 0
-        probing = torch.as_tensor(busy, device=device) if busy.any() else None
-        # Budget: rows that chose their budget's worth of thinking tokens are forced from now on.
-        forcing = self.force_step[rows] >= 0
-        if plan.budget is not None:
-            start = self.thinking[rows] & ~forcing & (self.thought[rows] >= plan.budget)
-            if probing is not None:
-                # No forcing mid-probe; but an appended probe rolled back at the budget emits the forced
-                # text instead of its row's real next token (a replaced one refeeds its trigger first).
-                rolled_back = (
-                    torch.as_tensor(stage == plan.answer_tokens, device=device) & ~self.confident[rows]
-                )
-                start &= ~probing | (rolled_back & (not plan.replace_trigger))
-            self.force_step[rows] = torch.where(start, 0, self.force_step[rows])
+        ctl = self
+        budget = ctl.plan.budget
+        forcing = ctl.force_step[rows] >= 0
+        if free is not None:
+            forcing &= free
+        if budget is not None:
+            start = ctl.thinking[rows] & ~forcing & (ctl.thought[rows] >= budget)
+            if free is not None:
+                start &= free
+            ctl.force_step[rows] = torch.where(start, 0, ctl.force_step[rows])
             forcing = forcing | start
-        step = self.force_step[rows]
-        forced = self.forced_ids[step.clamp(0, self.forced_ids.shape[0] - 1)]
-        token = torch.where(forcing, forced, chosen)
-        advanced = torch.where(forcing, step + 1, step)
-        self.force_step[rows] = torch.where(advanced >= self.forced_ids.shape[0], -1, advanced)
-        # Tokens the model chose inside the span count toward the budget.
-        counted = self.thinking[rows] & ~forcing
-        self.decided_host = np.zeros(len(rows_host), dtype=bool)
-        if probing is None:
-            self.thought[rows] += counted.long()
-            return StepEmission(token[:, None], torch.ones_like(token), token)
+        step = ctl.force_step[rows].clamp(min=0)
+        length = ctl.forced_ids.shape[0]
+        index = step[:, None] + torch.arange(length, device=rows.device)[None, :]
+        forced = ctl.forced_ids[index.clamp(max=length - 1)]
+        forced_counts = torch.where(forcing, torch.minimum(length - step, room), 0)
+        cap = torch.full_like(step, NO_CAP)
+        if budget is not None:
+            cap = torch.where(ctl.thinking[rows], budget - ctl.thought[rows] - 1, cap)
+        cap = torch.where(forcing, 0, cap).clamp(min=0)
+        if free is not None:
+            cap = torch.where(free, cap, 0)
+        cap = cap.to(torch.int32)
+        self.forced_counts = forced_counts
+        return cap, forced, forced_counts
 
-        deciding_host = stage == plan.answer_tokens
-        self.decided_host = deciding_host
-        deciding = torch.as_tensor(deciding_host, device=device)
-        confident = self.confident[rows] & deciding
-        in_probe = probing & ~deciding
-        # A confident probe ends thinking (its answer token is not a thinking token); a replacing probe
-        # rolled back emits nothing (its trigger is fed again).
-        thought_gain = counted & ~in_probe & ~confident
-        if plan.replace_trigger:
-            thought_gain &= ~deciding
-        self.thought[rows] += thought_gain.long()
-        # Deciding rows: keep the probe text when confident, else nothing of the probe.
-        width = self.probe_width
-        kept = self.base_len[rows] + torch.where(confident, width, 0).to(torch.int32)
-        cache.cache_lens[rows] = torch.where(deciding, kept, cache.cache_lens[rows])
-        position = self.base_position[rows] + torch.where(confident, width, 0)
-        cache.positions[rows] = torch.where(deciding, position, cache.positions[rows])
-        # Emission: probe text then the chosen token for confident rows; nothing while probing.
-        tokens = torch.cat([self.probe_ids[None, :].expand(rows.shape[0], -1), token[:, None]], dim=1)
-        tokens = torch.where(confident[:, None], tokens, torch.cat([token[:, None], tokens[:, 1:]], dim=1))
-        counts = torch.where(confident, width + 1, 1)
-        counts = torch.where(in_probe, 0, counts)
-        feed = torch.where(in_probe, self.answer_token[rows], token)
-        rewind = None
-        if plan.replace_trigger:
-            # The probe took the trigger's place: a confident one replaces it in the text; a rolled-back one
-            # emits nothing now and feeds the trigger again (see forward_inputs).
-            trigger = torch.where(deciding, self.trigger_len[rows], 0)
-            rewind = torch.where(confident, trigger, 0)
-            counts = torch.where(deciding & ~confident, 0, counts)
-            self.thought[rows] -= rewind
-        else:
-            trigger = torch.zeros_like(counts)
-        # A confident probe closes the span at the probe's think_end.
-        end_position = (
-            self.prompt_lens[rows] + new_tokens - trigger + plan.probe_end_at - self.end_ids.shape[0]
-        )
-        self._close(rows, confident, end_position)
-        self.early_exits[rows] += confident.long()
-        self.confidence[rows] = torch.where(deciding, 0.0, self.confidence[rows])
-        self.stage[rows_host[deciding_host]] = 0
-        return StepEmission(tokens, counts.long(), feed, rewind)
+    @staticmethod
+    def overlay(
+        drafts: torch.Tensor | None,
+        draft_lens: torch.Tensor | None,
+        forced: torch.Tensor,
+        forced_counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify drafts ``[B, K]`` and lengths ``[B]``; forced rows get their first ``count - 1`` tokens.
 
-    def after_append(
-        self, sequences: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray, ends: torch.Tensor,
-        new_tokens: torch.Tensor, emission: StepEmission,
-    ) -> torch.Tensor:  # fmt: skip
-        """Track span markers after the step's tokens were appended; int64 ``[B]``: the length of the trigger
-        each row just generated (0: none; such rows should probe).
-
-        ``ends`` int64 ``[B]`` is each row's last column in ``sequences``; ``new_tokens`` counts after the
-        append.
+        The row feeds its last token and those, so the step's columns predict all ``count`` forced tokens.
         """
-        single = emission.counts == 1
-        position_after = self.prompt_lens[rows] + new_tokens  # position of the next token
-        closed = self.thinking[rows] & single & ends_with(sequences, rows, ends, self.end_ids)
-        self._close(rows, closed, position_after - self.end_ids.shape[0])
-        if self.start_ids is not None:
-            opened = ~self.thinking[rows] & single & ends_with(sequences, rows, ends, self.start_ids)
-            self.thinking[rows] |= opened
-            start = torch.stack([position_after, torch.full_like(position_after, OPEN_END)], dim=1)
-            self.spans[rows] = torch.where(opened[:, None], start, self.spans[rows])
-        if not self.plan.early_exit:
-            return torch.zeros_like(emission.counts)
-        eligible = self.thinking[rows] & single & (self.force_step[rows] < 0)
-        if self.stage[rows_host].any():  # (skip the host-to-device copy on the usual step without probes)
-            eligible &= torch.as_tensor(self.stage[rows_host] == 0, device=self.device)
-        hit = torch.zeros_like(emission.counts)
-        for trigger in self.triggers:  # the longest trigger that matches
-            matched = ends_with(sequences, rows, ends, trigger)
-            hit = torch.where(matched, torch.clamp(hit, min=trigger.shape[0]), hit)
-        return torch.where(eligible, hit, 0)
+        forcing = forced_counts > 0
+        fed = (forced_counts - 1).clamp(min=0)
+        width = max(forced.shape[1], drafts.shape[1] if drafts is not None else 0)
+        if drafts is None:
+            drafts = forced.new_zeros(forced.shape[0], width)
+            draft_lens = torch.zeros(forced.shape[0], dtype=torch.int32, device=forced.device)
+        elif drafts.shape[1] < width:
+            drafts = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], width - drafts.shape[1])], dim=1)
+        padded = torch.cat([forced, forced.new_zeros(forced.shape[0], width - forced.shape[1])], dim=1)
+        drafts = torch.where(forcing[:, None], padded, drafts)
+        lens = torch.where(forcing, fed.to(draft_lens.dtype), draft_lens)
+        return drafts, lens
 
-    def probes_decided(self, slots: np.ndarray, confident_host: np.ndarray) -> None:
-        """After the sync: rolled-back probes that replaced their trigger feed it again next forward."""
-        if self.plan.replace_trigger:
-            self.refeed[slots[~confident_host.astype(bool)]] = True
+    @staticmethod
+    def apply_forced(
+        emitted: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor, forced_counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forced rows emit their forced tokens, whatever the target chose: ``(emitted, counts)``."""
+        forcing = forced_counts > 0
+        width = emitted.shape[1]
+        if forced.shape[1] < width:
+            forced = torch.cat([forced, forced.new_zeros(forced.shape[0], width - forced.shape[1])], dim=1)
+        emitted = torch.where(forcing[:, None], forced[:, :width], emitted)
+        return emitted, torch.where(forcing, forced_counts.to(counts.dtype), counts)
 
-    def start_probes(self, rows_host: np.ndarray, trigger_lens_host: np.ndarray) -> None:
-        """Rows that generated a trigger (its length in tokens, 0 for none; from the step's sync) probe.
+    def forcing_next(self, rows: torch.Tensor) -> torch.Tensor:
+        """bool ``[B]``: rows of ``rows`` (int64) that force text in their next step (host hint: the step is
+        then planned wider than one token)."""
+        forcing = self.force_step[rows] >= 0
+        if self.plan.budget is not None:
+            forcing |= self.thinking[rows] & (self.thought[rows] >= self.plan.budget)
+        return forcing
 
-        Appending, the row first feeds its trigger (armed); replacing, the probe starts with the next forward.
-        """
-        if not self.plan.early_exit:
-            return
-        triggered = trigger_lens_host > 0
-        self.probes += int(triggered.sum())
-        if self.plan.replace_trigger:
-            self.starting[rows_host[triggered]] = True
-            self.trigger_len_host[rows_host[triggered]] = trigger_lens_host[triggered]
-        else:
-            self.armed[rows_host[triggered]] = True
-
-    def cache_rewind(self, rows_host: np.ndarray) -> np.ndarray:
-        """Entries a starting probe takes back from each row's cache (the trigger's tokens already in it)."""
-        if not self.plan.replace_trigger:
-            return np.zeros(len(rows_host), dtype=np.int64)
-        return np.where(self.starting[rows_host], self.trigger_len_host[rows_host] - 1, 0)
-
-    def forward_inputs(
+    def cut_at_markers(
         self,
-        feed: torch.Tensor,
-        rows: torch.Tensor,
-        rows_host: np.ndarray,
-        cache,
         sequences: torch.Tensor,
+        rows: torch.Tensor,
         ends: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """``(input_ids [B, T], q_lens int32 [B], q_lens on the host)`` of the next forward.
+        emitted: torch.Tensor,
+        num_emitted: torch.Tensor,
+        free: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``num_emitted`` cut so that no run goes past a ``think_start``/``think_end`` it contains.
 
-        Rows starting a probe feed the probe text (replacing: from the trigger's first entry on), rows whose
-        replaced trigger was rolled back feed their trigger again (its last tokens in ``sequences``, ending at
-        column ``ends[b]``), the others one token; all right-aligned.
+        With early exit, the runs of thinking rows that are not forced are also cut right after a trigger.
+        ``ends`` int64 ``[B]``: each row's last column in ``sequences`` before the run; ``free`` bool ``[B]``
+        (None: all): the rows whose runs come from verification (a probe's emission is never cut).
         """
-        ones = np.ones(len(rows_host), dtype=np.int64)
-        if not self.plan.early_exit:
-            return feed[:, None], torch.ones(rows.shape[0], dtype=torch.int32, device=self.device), ones
-        starting_host = self.starting[rows_host]
-        refeed_host = self.refeed[rows_host]
-        if not (starting_host.any() or refeed_host.any()):
-            return feed[:, None], torch.ones(rows.shape[0], dtype=torch.int32, device=self.device), ones
-        width = self.probe_width
-        lens_host = np.where(starting_host, width, np.where(refeed_host, self.trigger_len_host[rows_host], 1))
-        num_cols = int(lens_host.max())
-        starting = torch.as_tensor(starting_host, device=self.device)
-        if self.plan.replace_trigger:
-            rewind = torch.as_tensor(self.cache_rewind(rows_host), device=self.device)
-            self.trigger_len[rows] = torch.as_tensor(self.trigger_len_host[rows_host], device=self.device)
-            cache.cache_lens[rows] -= rewind.to(torch.int32)
-            cache.positions[rows] -= rewind
-        self.base_len[rows] = torch.where(starting, cache.cache_lens[rows], self.base_len[rows])
-        self.base_position[rows] = torch.where(starting, cache.positions[rows], self.base_position[rows])
-        # Each row's feed, right-aligned in num_cols columns: the tail of its sequence (refeed), else feed.
-        columns = torch.arange(num_cols, device=self.device)
-        tail = sequences[rows[:, None], (ends[:, None] - (num_cols - 1) + columns[None, :]).clamp(min=0)]
-        input_ids = torch.where(torch.as_tensor(refeed_host, device=self.device)[:, None], tail, 0)
-        input_ids[:, -1] = torch.where(
-            torch.as_tensor(refeed_host, device=self.device), input_ids[:, -1], feed
-        )
-        if starting_host.any():  # then num_cols >= width
-            probe = self.probe_ids[None, :].expand(rows.shape[0], -1)
-            last = input_ids[:, num_cols - width :]
-            input_ids[:, num_cols - width :] = torch.where(starting[:, None], probe, last)
-        q_lens = torch.as_tensor(lens_host, device=self.device).to(torch.int32)
-        return input_ids, q_lens, lens_host
+        ctl = self
+        cut = num_emitted.long()
+        for marker in (ctl.end_ids, ctl.start_ids):
+            if marker is not None:
+                first = first_marker_end(sequences, rows, ends, emitted, num_emitted, marker)
+                cut = torch.minimum(cut, first + 1)
+        if ctl.triggers:
+            forced = self.forced_counts
+            may_trigger = ctl.thinking[rows] & (forced == 0 if forced is not None else True)
+            for trigger in ctl.triggers:
+                first = first_marker_end(sequences, rows, ends, emitted, num_emitted, trigger)
+                cut = torch.where(may_trigger, torch.minimum(cut, first + 1), cut)
+        if free is not None:
+            cut = torch.where(free, cut, num_emitted.long())
+        return cut.to(num_emitted.dtype)
 
-    def after_forward(self, logits: torch.Tensor, rows: torch.Tensor, rows_host: np.ndarray) -> None:
-        """Advance probe states after a forward whose last-column logits are ``logits`` ``[B, V]``."""
-        if not self.plan.early_exit:
-            return
-        starting_host = self.starting[rows_host]
-        if starting_host.any():
-            starting = torch.as_tensor(starting_host, device=self.device)
-            self.answer_logits[rows] = torch.where(
-                starting[:, None], logits.float(), self.answer_logits[rows]
-            )
-        self.stage[rows_host] += (self.stage[rows_host] > 0) | starting_host
-        self.starting[rows_host] = self.armed[rows_host]
-        self.armed[rows_host] = False
-        self.refeed[rows_host] = False
+    def after_run(
+        self,
+        sequences: torch.Tensor,
+        rows: torch.Tensor,
+        ends: torch.Tensor,
+        new_tokens: torch.Tensor,
+        num_emitted: torch.Tensor,
+    ) -> None:
+        """Count thinking tokens, advance forcing and track markers once each row's run is appended.
 
-    # -- helpers -------------------------------------------------------------------------------------------
+        ``ends`` int64 ``[B]``: each row's last column after the append; ``new_tokens`` counts after it;
+        ``num_emitted`` ``[B]`` the tokens each row appended (after every cut).
+        """
+        ctl = self
+        emitted_count = num_emitted.long()
+        forced_counts = self.forced_counts
+        if forced_counts is None:
+            forced_counts = torch.zeros_like(emitted_count)
+        forced = torch.minimum(forced_counts, emitted_count)
+        forcing = forced_counts > 0
+        # Tokens the target chose inside the span count toward the budget (forced ones do not).
+        ctl.thought[rows] += torch.where(ctl.thinking[rows] & ~forcing, emitted_count, 0)
+        progressed = ctl.force_step[rows] + forced
+        done = progressed >= ctl.forced_ids.shape[0]
+        ctl.force_step[rows] = torch.where(forcing, torch.where(done, -1, progressed), ctl.force_step[rows])
+        self.forced_counts = None
+        # Runs end at markers, so a marker can only end at a run's last token.
+        position_after = ctl.prompt_lens[rows] + new_tokens[rows]
+        appended = emitted_count > 0
+        closed = ctl.thinking[rows] & appended & ends_with(sequences, rows, ends, ctl.end_ids)
+        ctl.thinking[rows] &= ~closed
+        end = position_after - ctl.end_ids.shape[0]
+        ctl.spans[rows, 1] = torch.where(closed, end, ctl.spans[rows, 1])
+        if ctl.start_ids is not None:
+            opened = ~ctl.thinking[rows] & appended & ends_with(sequences, rows, ends, ctl.start_ids)
+            ctl.thinking[rows] |= opened
+            start = torch.stack([position_after, torch.full_like(position_after, OPEN_END)], dim=1)
+            ctl.spans[rows] = torch.where(opened[:, None], start, ctl.spans[rows])
 
     def _close(self, rows: torch.Tensor, closing: torch.Tensor, end_position: torch.Tensor) -> None:
         self.thinking[rows] &= ~closing

@@ -109,3 +109,12 @@ def criteria_hit(
             result = torch.full((batch_size,), bool(result), dtype=torch.bool, device=ids.device)
         hit |= result.to(device=ids.device, dtype=torch.bool).expand(batch_size)
     return gather_rows(hit, rows)
+
+
+def live_view(state, width: int) -> torch.Tensor:
+    """transformers' ``input_ids`` ``[B, width]`` for a :class:`~effdecode.generation.state.DecodeState`.
+
+    Each live row shows its last ``width`` tokens (with every row at the same length, plain decoding, that is
+    exactly ``sequences[:, :width]``); rows that left show their tokens, then pads.
+    """
+    return ragged_full_batch_ids(state.sequences, state.rows_long, state.ends(), width, state.pad)

@@ -20,48 +20,12 @@ Layout (the contract every implementation follows):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
 from effdecode.ops.backend import requested_backend, resolve_backend
 from effdecode.ops.flash_attention import flash_supported, flash_wanted, slot_attention_flash
-
-
-@dataclass
-class SlotBatch:
-    """Per-step batch description shared by every layer of one forward.
-
-    Attributes
-    ----------
-    rows : torch.Tensor
-        int32 ``[B]``, slot of each row.
-    cache_lens : torch.Tensor
-        int32 ``[slots]``, entries held per slot before this forward.
-    q_lens : torch.Tensor
-        int32 ``[B]``, valid (right-aligned) new tokens per row.
-    kv_len_bound : int
-        Host-side upper bound of ``max(cache_lens[rows] + q_lens)``; lets the torch path slice the cache
-        without a device sync. Must not be smaller than the true maximum.
-    backend : str
-        Requested attention implementation ("auto", "torch", "triton", "cuda").
-    rows_are_leading_slots : bool
-        Host-side fact: ``rows == arange(B)``. Lets the torch path read the cache through a view.
-    q_full : bool
-        Host-side fact: every ``q_lens[b] == T`` (decode steps, unpadded prefill). Lets the torch path
-        write without locating valid tokens.
-    """
-
-    rows: torch.Tensor
-    cache_lens: torch.Tensor
-    q_lens: torch.Tensor
-    kv_len_bound: int
-    backend: str = "auto"
-    rows_are_leading_slots: bool = False
-    q_full: bool = False
-    # Derived tensors shared by all layers of the step (write indices, masks); filled on first use.
-    derived: dict = field(default_factory=dict)
+from effdecode.ops.slot_batch import SlotBatch
 
 
 def _write_indices(batch: SlotBatch, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from effdecode.ops.attention import SlotBatch
+    from effdecode.ops.slot_batch import SlotBatch
 
 #: Test hook: accept CPU tensors of any floating dtype (a fake ``flash_attn`` module then runs them). The
 #: real flash-attn only takes CUDA fp16/bf16, so this stays False outside tests.

@@ -1,0 +1,96 @@
+"""The target model's forward over the slot cache: the one place a step's forward runs.
+
+:meth:`TargetModel.forward` takes the rows and their right-aligned inputs and returns logits; it replays
+a captured step (:mod:`effdecode.generation.graphs`) where one applies and runs eagerly otherwise, so
+swapping in a compiled step changes this function only. Prefill is its own method: it takes the slots to fill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdecode.cache import SlotKVCache
+from effdecode.generation.graphs import DecodeGraphs
+from effdecode.generation.steps import forward_logits, prefill
+from effdecode.ops.attention import SlotBatch
+
+
+class TargetModel:
+    """The target model, its slot cache and (optionally) its captured steps for one call.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The HF causal LM.
+    cache : SlotKVCache
+        Its cache for the call (``capacity`` entries per slot).
+    graphs : DecodeGraphs or None
+        Captured steps to replay, or None to run every forward eagerly.
+    backend : str
+        Attention backend.
+    """
+
+    def __init__(self, model, cache: SlotKVCache, graphs: DecodeGraphs | None, backend: str) -> None:
+        self.model = model
+        self.cache = cache
+        self.graphs = graphs
+        self.backend = backend
+
+    def prefill(
+        self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, scores: list | None = None
+    ) -> torch.Tensor:
+        """Fill slots ``0 .. B-1`` with the left-padded prompts ``[B, T0]``; returns the logits ``[B, V]``."""
+        return prefill(self.model, self.cache, input_ids, prompt_lens, self.backend, scores)
+
+    def forward(
+        self,
+        rows: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        q_lens: torch.Tensor,
+        kv_bound: int,
+        leading: bool,
+        scores: list | None = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Logits of one step: the last column's ``[R, V]`` (``last_only``), else all columns' ``[R, T, V]``.
+
+        Parameters
+        ----------
+        rows : torch.Tensor
+            int32 ``[R]`` slots.
+        input_ids, positions : torch.Tensor
+            int64 ``[R, T]``, each row's ``q_lens[b]`` tokens right-aligned.
+        q_lens : torch.Tensor
+            int32 ``[R]``.
+        kv_bound : int
+            Host bound of the rows' cache lengths after the forward.
+        leading : bool
+            ``rows`` is ``arange(R)`` (lets the attention op skip the gather).
+        scores : list of torch.Tensor, optional
+            Attention-score buffers of the eviction policy (such forwards run eagerly).
+        """
+        num_cols = input_ids.shape[1]
+        if self.graphs is not None and scores is None:
+            if num_cols == 1:
+                logits = self.graphs.run(self.model, rows, input_ids[:, 0], positions[:, 0], self.backend)
+            else:
+                logits = self.graphs.run(self.model, rows, input_ids, positions, self.backend, q_lens=q_lens)
+            if logits is not None:
+                return logits[:, -1] if last_only and num_cols > 1 else logits
+        cache = self.cache
+        batch = SlotBatch(
+            rows,
+            cache.cache_lens,
+            q_lens,
+            kv_len_bound=min(kv_bound, cache.capacity),
+            backend=self.backend,
+            rows_are_leading_slots=leading,
+            q_full=num_cols == 1,
+        )
+        return forward_logits(self.model, cache, batch, input_ids, positions, last_only, scores)
+
+    def advance(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
+        """Slots ``rows`` (int64 ``[R]``) keep ``counts`` (``[R]``) more entries of the last forward."""
+        self.cache.cache_lens.index_add_(0, rows, counts.to(torch.int32))
+        self.cache.positions.index_add_(0, rows, counts.long())

@@ -1,0 +1,40 @@
+"""What :func:`effdecode.patch` records on a model: the ``generate`` to restore and the patched config.
+
+:mod:`effdecode.api` reads it (the config, transformers' own ``generate`` for fallbacks) and
+:mod:`effdecode.patch` writes it; neither imports the other's module for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdecode.config import DecodeConfig
+
+_STATE_ATTR = "_effdecode_patch"
+_MISSING = object()
+
+
+class _PatchState:
+    """What ``unpatch`` needs to restore, and the config the patched ``generate`` uses."""
+
+    def __init__(self, previous_generate: object, config: DecodeConfig) -> None:
+        self.previous_generate = previous_generate  # the instance attribute before patching, or _MISSING
+        self.config = config
+
+
+def _state(model: torch.nn.Module) -> _PatchState | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def patched_config(model: torch.nn.Module) -> DecodeConfig | None:
+    """The DecodeConfig given to :func:`patch`, or None if ``model`` is not patched."""
+    state = _state(model)
+    return state.config if state is not None else None
+
+
+def original_generate(model: torch.nn.Module):
+    """The ``generate`` that ``model`` had before :func:`patch`, bound to it."""
+    state = _state(model)
+    if state is None or state.previous_generate is _MISSING:
+        return type(model).generate.__get__(model)
+    return state.previous_generate
