@@ -66,4 +66,10 @@ def generate(
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
         return original_generate(model)(input_ids, **generate_kwargs)
-    return run_generation(model, request)
+    output = run_generation(model, request)
+    if request.embeds_only:  # transformers returns only the new tokens when given only inputs_embeds
+        prompt_width = request.input_ids.shape[1]
+        if isinstance(output, torch.Tensor):
+            return output[:, prompt_width:]
+        output.sequences = output.sequences[:, prompt_width:]
+    return output

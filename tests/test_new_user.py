@@ -158,3 +158,50 @@ def test_cache_options_are_ignored_with_one_warning(option):
         warnings.simplefilter("always")
         effdecode.generate(model, input_ids, **kwargs)
     assert caught == []
+
+
+@pytest.mark.parametrize("with_ids", [False, True], ids=["embeds-only", "ids-and-embeds"])
+def test_inputs_embeds_run_through_the_engine_as_transformers_returns_them(with_ids, monkeypatch):
+    model = tiny_model("qwen2", torch.float64, seed=9)
+    input_ids, mask = ragged_prompts(3, 6, seed=9, min_len=2)
+    # Soft prompts: the ids' embeddings, perturbed, so the output depends on the embeddings fed.
+    embeds = model.get_input_embeddings()(input_ids) + 0.05 * torch.randn(
+        *input_ids.shape,
+        model.config.hidden_size,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(1),
+    )
+    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    if with_ids:
+        kwargs["input_ids"] = input_ids
+    expected = original_generate(model)(**kwargs)
+    assert expected.shape[1] == (6 + 7 if with_ids else 7)  # transformers' format
+    from effdecode.generation import request as request_module
+
+    built = []
+    real_build = request_module.build_request
+
+    def spy(*args, **kw):
+        built.append(real_build(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr("effdecode.api.build_request", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the engine runs it
+        out = effdecode.generate(model, **kwargs)
+        ours = effdecode.generate(model, **kwargs, return_dict_in_generate=True)
+    assert built and built[0].inputs_embeds is not None
+    assert torch.equal(out, expected) and torch.equal(ours.sequences, expected)
+    plain = original_generate(model)(input_ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    assert not torch.equal(plain[:, -7:], expected[:, -7:])  # the embeddings, not the ids, were fed
+
+
+def test_inputs_embeds_with_options_that_read_the_prompt_fall_back_with_one_warning():
+    model = tiny_model("llama", torch.float64, seed=10)
+    input_ids, mask = ragged_prompts(2, 5, seed=10, min_len=2)
+    embeds = model.get_input_embeddings()(input_ids)
+    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, repetition_penalty=1.3)
+    expected = original_generate(model)(**kwargs)
+    with pytest.warns(UserWarning, match="inputs_embeds.*repetition_penalty"):
+        out = effdecode.generate(model, **kwargs)
+    assert torch.equal(out, expected)

@@ -112,7 +112,7 @@ class DecodeCall:
         scores = None
         if self.compression is not None:
             scores = self.compression.prefill_scores(state.rows_host, request.prompt_lens.cpu().numpy())
-        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores)
+        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores, request.inputs_embeds)
         state.forwards = 1
         if self.drafting is not None:
             self.drafting.prefill(request.input_ids, request.prompt_lens)
