@@ -25,8 +25,10 @@ def generate(
     ----------
     model : transformers.PreTrainedModel
         A causal LM (Llama, Mistral, Qwen2, Qwen3 families).
-    input_ids : torch.Tensor
-        int64 ``[B, T0]`` prompts, left-padded when ragged.
+    input_ids : torch.Tensor, optional
+        int64 ``[B, T0]`` prompts, left-padded when ragged. May be omitted with ``inputs_embeds``
+        ``[B, T0, H]`` (a ``generate_kwargs`` entry), which the prefill feeds instead of the ids' embeddings;
+        then, as in transformers, only the new tokens are returned.
     attention_mask : torch.Tensor, optional
         ``[B, T0]`` of 0/1; inferred from ``pad_token_id`` as transformers does when omitted.
     **generate_kwargs
