@@ -19,5 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from device_info import environment  # noqa: E402
 
 
+def pytest_configure(config):
+    # Untimed unless --benchmark-enable (as an addopts flag this would break pytest without the plugin).
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["effdecode_environment"] = environment()

@@ -4,6 +4,11 @@ Run on a GPU: ``pytest benchmarks/test_ops.py --benchmark-enable --benchmark-gro
 --benchmark-json benchmarks/results/<device>-<date>.json``. Every entry records achieved GB/s and, on a known
 GPU, the share of HBM peak in ``extra_info``. On a CPU-only machine the shapes shrink and the run is a dry run
 of the harness (Triton through its interpreter): those timings mean nothing.
+
+Before timing, every entry checks the op's output against its torch reference on the same inputs (exact for
+tokens, indices and moved cache entries; a relative-error bound for attention), so a fast wrong kernel fails
+here rather than posting a figure. Peers are checked where their output means the same (flash-attn's
+attention); FlashInfer's chain sampler draws its own random numbers and is timed only.
 """
 
 from __future__ import annotations
@@ -16,11 +21,27 @@ from device_info import bandwidth_report
 
 from effdecode.ops.attention import SlotBatch, slot_attention_reference
 from effdecode.ops.backend import cuda_extension
-from effdecode.ops.verify import verify_greedy
+from effdecode.ops.verify import verify_greedy, verify_greedy_reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 HALF = torch.bfloat16 if ON_GPU else torch.float32
+
+
+# ||out - ref|| / ||ref|| bound for attention outputs: bf16 operands on the GPU, float32 on the CPU.
+ATTENTION_REL_ERR = 1e-2 if ON_GPU else 1e-5
+
+
+def _assert_rel_close(got: torch.Tensor, want: torch.Tensor, bound: float, what: str) -> None:
+    got, want = got.float(), want.float()
+    assert torch.isfinite(got).all(), f"{what}: non-finite output"
+    error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    assert error <= bound, f"{what}: relative error {error:.2e} > {bound:.0e} against the torch reference"
+
+
+def _assert_equal(got, want, what: str) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w), f"{what}: differs from the torch reference"
 
 
 def _sync() -> None:
@@ -108,7 +129,32 @@ def test_decode_attention(benchmark, decode_problem, impl):
         fn = lambda: flash_attn_with_kvcache(  # noqa: E731
             q_flash, k_flash, v_flash, k_new, v_new, cache_seqlens=p["cache_lens"], causal=True
         )
+    _check_decode_attention(p, impl, fn)
     _run(benchmark, fn, p["kv_bytes"], impl=impl, **ATTN)
+
+
+def _check_decode_attention(p, impl: str, fn) -> None:
+    """One call of ``fn`` (on cache copies) against the reference; with scores, the scores too."""
+    ref_k, ref_v = p["k_cache"].clone(), p["v_cache"].clone()
+    slots, kv_heads, capacity = ref_k.shape[:3]
+    ref_scores = torch.zeros(slots, kv_heads, capacity, device=DEVICE)
+    args = (p["query"], p["key"], p["value"])
+    want = slot_attention_reference(*args, ref_k, ref_v, _batch(p), p["scale"], None, ref_scores)
+    if impl == "torch":
+        return
+    if impl == "flash_attn":
+        got = fn()  # its own cache copies, [b, 1, q_heads, d] like ours
+        _assert_rel_close(got, want, ATTENTION_REL_ERR, impl)
+        return
+    from effdecode.kernels.slot_attention import slot_attention_triton
+
+    k, v = p["k_cache"].clone(), p["v_cache"].clone()
+    scores = torch.zeros_like(ref_scores) if impl == "triton+scores" else None
+    got = slot_attention_triton(*args, k, v, _batch(p), p["scale"], None, scores)
+    _assert_rel_close(got, want, ATTENTION_REL_ERR, impl)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_v), f"{impl}: cache append differs"
+    if scores is not None:
+        _assert_rel_close(scores, ref_scores, ATTENTION_REL_ERR, f"{impl} scores")
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -143,6 +189,7 @@ def test_verify_greedy(benchmark, verify_problem, impl):
         if impl == "cuda" and (not ON_GPU or cuda_extension() is None):
             pytest.skip("needs a GPU and the built effdecode._C")
         fn = lambda: verify_greedy(*args, backend=impl)  # noqa: E731
+        _assert_equal(fn(), verify_greedy_reference(*args), f"verify_greedy[{impl}]")
     else:
         if not ON_GPU or importlib.util.find_spec("flashinfer") is None:
             pytest.skip("FlashInfer is not installed (or no GPU)")
@@ -185,6 +232,14 @@ def test_kv_compaction(benchmark, impl):
         cache_lens.fill_(c["context"])  # each call compacts from the full cache again
         compact_kv(keys, values, cache_lens, rows, keep_index, keep_lens, backend=impl)
 
+    # Correctness first: one compaction against gathering the kept entries.
+    src = keep_index.long()[None, :, :, :, None].expand(c["layers"], -1, -1, -1, c["head_dim"])
+    want_k, want_v = keys.gather(3, src), values.gather(3, src)
+    compact()
+    assert torch.equal(keys[:, :, :, : c["keep"]], want_k), f"compaction[{impl}]: keys"
+    assert torch.equal(values[:, :, :, : c["keep"]], want_v), f"compaction[{impl}]: values"
+    assert torch.equal(cache_lens, keep_lens), f"compaction[{impl}]: lengths"
+
     # Read + write of every kept entry, keys and values, all layers (the index reads are noise).
     moved = 2 * 2 * c["layers"] * c["rows"] * c["kv_heads"] * c["keep"] * c["head_dim"] * keys.element_size()
     _run(benchmark, compact, moved, impl=impl, **c)
@@ -209,6 +264,7 @@ def test_ngram_propose(benchmark, impl):
     lengths = torch.full((n["batch"],), n["history"], dtype=torch.int32, device=DEVICE)
     rows = torch.arange(n["batch"], dtype=torch.int32, device=DEVICE)
     args = (tokens, lengths, rows, n["max_ngram"], n["min_ngram"], n["num_draft"])
+    _assert_equal(ngram_propose(*args, backend=impl), ngram_propose(*args, backend="torch"), f"ngram[{impl}]")
     # Random tokens rarely repeat: the worst case, a full scan of every history.
     _run(
         benchmark,
@@ -223,7 +279,7 @@ def test_ngram_propose(benchmark, impl):
 @pytest.mark.parametrize("impl", ["torch", "triton", "flashinfer"])
 def test_verify_sampling(benchmark, verify_problem, impl):
     """Rejection sampling with per-row lengths and masks vs FlashInfer's fixed-length chain sampler."""
-    from effdecode.ops.verify import verify_sampling
+    from effdecode.ops.verify import verify_sampling, verify_sampling_reference
 
     p = verify_problem
     b, k = VERIFY["batch"], VERIFY["draft"]
@@ -242,4 +298,12 @@ def test_verify_sampling(benchmark, verify_problem, impl):
     else:
         args = (target, draft, p["input_ids"], p["q_lens"], p["finished"], p["eos"], seeds, offsets)
         fn = lambda: verify_sampling(*args, backend=impl)  # noqa: E731
+        # Given the random numbers, every backend must emit the reference's tokens.
+        uniforms = torch.rand(target.shape[:2], device=DEVICE)
+        exps = torch.empty_like(target).exponential_()
+        _assert_equal(
+            verify_sampling(*args, uniforms=uniforms, exponentials=exps, backend=impl),
+            verify_sampling_reference(*args[:6], uniforms=uniforms, exponentials=exps),
+            f"verify_sampling[{impl}]",
+        )
     _run(benchmark, fn, prob_bytes, impl=impl, **VERIFY)

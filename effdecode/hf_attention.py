@@ -19,10 +19,21 @@ from effdecode.ops.attention import SlotBatch, slot_attention
 ATTN_IMPLEMENTATION = "effdecode"
 STEP_KWARG = "effdecode_step"
 
-# Keyword arguments that model families pass to attention functions and that we honour or may ignore.
-# Anything else (softcapping, attention sinks, ...) changes the math, so we refuse rather than be wrong.
+# Keyword arguments that model families pass to attention functions and that we honour or may ignore:
+# ``sliding_window`` (per layer, None on full layers), ``softcap`` (Gemma 2's logit soft-capping) and
+# ``s_aux`` (gpt-oss's per-head attention sinks) change the math and are honoured. Anything else (position
+# biases, sparse indices, packed-sequence metadata, ...) would change it too: refuse rather than be wrong.
 _KNOWN_KWARGS = frozenset(
-    {"position_ids", "use_cache", "sliding_window", "cache_position", "output_attentions"}
+    {
+        "position_ids",
+        "use_cache",
+        "sliding_window",
+        "softcap",
+        "s_aux",
+        "cache_position",
+        "output_attentions",
+        "output_router_logits",  # MoE families pass it to every submodule; attention ignores it
+    }
 )
 
 
@@ -91,7 +102,9 @@ def effdecode_attention(
     if dropout:
         raise NotImplementedError("effdecode attention runs inference only (dropout must be 0)")
     layer = module.layer_idx
+    # Families pass their own scale: Gemma's query_pre_attn_scalar ** -0.5, Granite's attention_multiplier.
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
     out = slot_attention(
         query,
         key,
@@ -102,6 +115,8 @@ def effdecode_attention(
         scale,
         kwargs.get("sliding_window"),
         scores_out=step.scores[layer] if step.scores is not None else None,
+        softcap=None if softcap is None else float(softcap),
+        sinks=kwargs.get("s_aux"),
     )
     return out, None
 

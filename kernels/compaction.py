@@ -70,7 +70,10 @@ def _compact_kv_kernel(
     for j0 in range(0, keep_len, BLOCK_J):
         dst = j0 + tl.arange(0, BLOCK_J)
         in_range = dst < keep_len
-        src = tl.load(idx_base + dst * si_k, mask=in_range, other=0).to(tl.int32)
+        # int64 entry indices: with "any strides" an entry stride may be large (a capacity-major layout), and
+        # index * stride must not wrap at 2^31 elements.
+        src = tl.load(idx_base + dst * si_k, mask=in_range, other=0).to(tl.int64)
+        dst = dst.to(tl.int64)
         move = in_range & (src != dst)
         tile_ok = move[:, None] & d_ok[None, :]
         k = tl.load(k_base + src[:, None] * sk_n + offs_d[None, :] * sk_d, mask=tile_ok)

@@ -56,15 +56,35 @@ _MAX_LOGITS_BYTES = 128 << 20
 
 
 @triton.jit
+def _logits(q, k, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr):
+    """Base-2 logits of a query tile against a key tile.
+
+    Plain: ``q.k * qk_scale`` (``qk_scale = scale * log2(e)``). Soft-capped (Gemma 2):
+    ``cap_out * tanh(q.k * cap_in)`` with ``cap_in = scale / softcap`` and ``cap_out = softcap * log2(e)``.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    if HAS_SOFTCAP:
+        x = s * cap_in
+        # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow for any x.
+        e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|), 2 * log2(e) spelled out
+        t = (1.0 - e) / (1.0 + e)
+        s = cap_out * tl.where(x < 0.0, -t, t)
+    else:
+        s = s * qk_scale
+    return s
+
+
+@triton.jit
 def _attend_block(
-    q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window, lg_row, lg_width,
-    HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, cap_in, cap_out, window, lg_row,
+    lg_width,
+    HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LOGITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of a [BLOCK_M] query tile against a [BLOCK_N] key tile.
 
     With ``STORE_LOGITS`` the tile's logits also go to ``lg_row[m] + n`` (for ``n < lg_width``).
     """
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = _logits(q, k, qk_scale, cap_in, cap_out, HAS_SOFTCAP)
     if STORE_LOGITS:
         lg_mask = col_valid[:, None] & key_ok[None, :] & (offs_n[None, :] < lg_width)
         tl.store(lg_row[:, None] + offs_n[None, :], s, mask=lg_mask)
@@ -85,16 +105,17 @@ def _attend_block(
 @triton.jit
 def _slot_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_lse_ptr, lse_ptr, logits_ptr,
-    rows_ptr, cache_lens_ptr, q_lens_ptr,
-    qk_scale, window, num_cols, capacity, split_len, num_splits, logits_width,
+    rows_ptr, cache_lens_ptr, q_lens_ptr, sinks_ptr,
+    qk_scale, cap_in, cap_out, window, num_cols, capacity, split_len, num_splits, logits_width,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
     skc_s, skc_h, skc_n, skc_d,
     svc_s, svc_h, svc_n, svc_d,
-    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STORE_LSE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -116,11 +137,13 @@ def _slot_attention_kernel(
     row_ok = t < num_cols
     col_valid = row_ok & (t >= pad)
     q_idx = cache_len + t - pad  # cache index of each query column (meaningless for padding columns)
-    offs_d = tl.arange(0, HEAD_DIM)
+    # Head dims that are not a power of two are padded to BLOCK_D with zeros (they add nothing to q.k or p.v).
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
     hq = h * GROUP + g
     q_ptrs = q_ptr + b64 * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=col_valid[:, None], other=0.0).to(DOT_DTYPE)
+    q = tl.load(q_ptrs, mask=col_valid[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
     # Key range this program covers: the tile's visible keys intersected with its split.
     t_first = tile_start // GROUP
@@ -139,7 +162,14 @@ def _slot_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_SINKS:
+        # A head's sink is one more logit in its softmax denominator with no value: start the running max and
+        # sum from it (exp2(sink - sink) = 1). Split 0 alone holds it, so the merge counts it once.
+        has_sink = col_valid & ((offs_m * 0 + pid_s) == 0)  # a tensor: the interpreter masks with no scalar
+        sink = tl.load(sinks_ptr + hq, mask=has_sink, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(has_sink, sink, m_i)
+        l_i = tl.where(has_sink, 1.0, l_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     kc_base = kc_ptr + slot * skc_s + h * skc_h
     vc_base = vc_ptr + slot * svc_s + h * svc_h
@@ -148,13 +178,13 @@ def _slot_attention_kernel(
     for n0 in range(start, cache_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs_n < cache_end
-        kv_mask = key_ok[:, None]
+        kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_base + offs_n[:, None] * skc_n + offs_d[None, :] * skc_d, mask=kv_mask, other=0.0)
         v = tl.load(vc_base + offs_n[:, None] * svc_n + offs_d[None, :] * svc_d, mask=kv_mask, other=0.0)
         # fmt: off
         m_i, l_i, acc = _attend_block(
             q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale,
-            window, lg_row, logits_width, HAS_WINDOW, DOT_DTYPE, STORE_LOGITS,
+            cap_in, cap_out, window, lg_row, logits_width, HAS_WINDOW, DOT_DTYPE, STORE_LOGITS, HAS_SOFTCAP,
         )
         # fmt: on
     # This step's entries, from the inputs (rounded through the cache dtype, as the cache will hold them).
@@ -164,14 +194,15 @@ def _slot_attention_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs_n < end
         col = offs_n - cache_len + pad
-        k = tl.load(k_base + col[:, None] * sk_t + offs_d[None, :] * sk_d, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + col[:, None] * sv_t + offs_d[None, :] * sv_d, mask=key_ok[:, None], other=0.0)
+        new_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + col[:, None] * sk_t + offs_d[None, :] * sk_d, mask=new_mask, other=0.0)
+        v = tl.load(v_base + col[:, None] * sv_t + offs_d[None, :] * sv_d, mask=new_mask, other=0.0)
         k = k.to(kc_ptr.dtype.element_ty).to(DOT_DTYPE)
         v = v.to(vc_ptr.dtype.element_ty).to(DOT_DTYPE)
         # fmt: off
         m_i, l_i, acc = _attend_block(
-            q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, window, lg_row, logits_width,
-            HAS_WINDOW, DOT_DTYPE, STORE_LOGITS,
+            q, k, v, offs_n, q_idx, col_valid, key_ok, m_i, l_i, acc, qk_scale, cap_in, cap_out, window,
+            lg_row, logits_width, HAS_WINDOW, DOT_DTYPE, STORE_LOGITS, HAS_SOFTCAP,
         )
         # fmt: on
 
@@ -184,17 +215,18 @@ def _slot_attention_kernel(
         cols = c0 + tl.arange(0, BLOCK_N)
         dst = cache_len + cols - pad
         ok = (cols < w_hi) & (dst < capacity)
-        k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :] * sk_d, mask=ok[:, None])
-        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :] * sv_d, mask=ok[:, None])
+        ok_d = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :] * sk_d, mask=ok_d)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :] * sv_d, mask=ok_d)
         tl.store(
             kc_base + dst[:, None] * skc_n + offs_d[None, :] * skc_d,
             k.to(kc_ptr.dtype.element_ty),
-            mask=ok[:, None],
+            mask=ok_d,
         )
         tl.store(
             vc_base + dst[:, None] * svc_n + offs_d[None, :] * svc_d,
             v.to(vc_ptr.dtype.element_ty),
-            mask=ok[:, None],
+            mask=ok_d,
         )
 
     # Padding columns and rows with no visible key in this split end with l = 0: output 0, lse = -inf.
@@ -209,13 +241,13 @@ def _slot_attention_kernel(
         tl.store(
             part_o_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
             o,
-            mask=row_ok[:, None] & (l_i > 0.0)[:, None],
+            mask=row_ok[:, None] & (l_i > 0.0)[:, None] & d_ok[None, :],
         )
     else:
         tl.store(
             out_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=row_ok[:, None] & d_ok[None, :],
         )
         if STORE_LSE:
             # One split: this lse is final; the scores kernel normalises with it.
@@ -226,11 +258,12 @@ def _slot_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     out_ptr, part_o_ptr, part_lse_ptr, lse_ptr, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     live = lse > float("-inf")
     m = tl.max(lse, 0)
@@ -238,7 +271,7 @@ def _merge_splits_kernel(
     w = tl.math.exp2(lse - m)
     o = tl.load(
         part_o_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=live[:, None],
+        mask=live[:, None] & d_ok[None, :],
         other=0.0,
     )
     total = tl.sum(w, 0)
@@ -247,20 +280,20 @@ def _merge_splits_kernel(
     if STORE_LSE:
         # The final normaliser, for the scores kernel; -inf for padding columns.
         tl.store(lse_ptr + row, tl.where(total > 0.0, m + tl.math.log2(total_safe), float("-inf")))
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, res.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
 def _emit_scores_kernel(
     q_ptr, kc_ptr, lse_ptr, logits_ptr, scores_ptr,
     rows_ptr, cache_lens_ptr, q_lens_ptr, col_from_ptr, col_to_ptr,
-    qk_scale, window, num_cols, capacity, logits_width,
+    qk_scale, cap_in, cap_out, window, num_cols, capacity, logits_width,
     sq_b, sq_h, sq_t, sq_d,
     skc_s, skc_h, skc_n, skc_d,
     ss_s, ss_h, ss_n,
-    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, FROM_LOGITS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, HAS_COL_RANGE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_COL_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Add ``2^(s - lse)`` summed over a (row, kv head)'s counted (column, head) pairs to a block of keys.
 
@@ -301,12 +334,15 @@ def _emit_scores_kernel(
     t_hi = tl.where((n0 < kv_end) & (n0 + BLOCK_N > lo), t_hi, t_lo)  # block outside the keys: no work
 
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     if not FROM_LOGITS:
         # The cache holds the step's entries by now (written by the main kernel, rounded as it attended them).
         kc_base = kc_ptr + slot * skc_s + h * skc_h
         k = tl.load(
-            kc_base + offs_n[:, None] * skc_n + offs_d[None, :] * skc_d, mask=key_ok[:, None], other=0.0
+            kc_base + offs_n[:, None] * skc_n + offs_d[None, :] * skc_d,
+            mask=key_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )
         k = k.to(DOT_DTYPE)
     lg_base = logits_ptr + pid_bh.to(tl.int64) * (GROUP * num_cols) * logits_width
@@ -329,8 +365,8 @@ def _emit_scores_kernel(
             s = tl.load(lg_ptrs, mask=lg_mask, other=0.0)
         else:
             q_ptrs = q_ptr + b64 * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :] * sq_d
-            q = tl.load(q_ptrs, mask=col_valid[:, None], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            q = tl.load(q_ptrs, mask=col_valid[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+            s = _logits(q, k, qk_scale, cap_in, cap_out, HAS_SOFTCAP)
         mass += tl.sum(tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0), 0)
 
     # This program alone owns these (slot, kv head, key) entries: a plain read-modify-write, no atomics.
@@ -402,6 +438,8 @@ def slot_attention_triton(
     lse_out: torch.Tensor | None = None,
     num_splits: int | None = None,
     scores_from_logits: bool | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append ``key``/``value`` to the slot cache and attend over it, fused in one Triton launch.
 
@@ -440,6 +478,11 @@ def slot_attention_triton(
     scores_from_logits : bool, optional
         Force how the scores kernel gets the logits: stored by the main kernel (True) or recomputed (False);
         by default the cheaper one in memory traffic (tests, tuning).
+    softcap : float, optional
+        Logit soft-capping: ``s -> softcap * tanh(s / softcap)`` on the scaled logits (Gemma 2).
+    sinks : torch.Tensor, optional
+        ``[q_heads]`` per-head sink logits joining each softmax denominator (gpt-oss); ``lse_out`` includes
+        them.
 
     Returns
     -------
@@ -460,10 +503,14 @@ def slot_attention_triton(
             f"cache shapes {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit kv_heads="
             f"{kv_heads}, head_dim={head_dim}"
         )
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of 2 >= 16, got {head_dim}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    _check_softcap(softcap)
+    if sinks is not None and (sinks.shape != (q_heads,) or sinks.device != query.device):
+        raise ValueError(
+            f"sinks must be a [{q_heads}] tensor (one logit per query head) on {query.device}, got "
+            f"{tuple(sinks.shape)} on {sinks.device}"
+        )
     if scores_out is not None and (
         scores_out.shape != k_cache.shape[:3]
         or scores_out.dtype != torch.float32
@@ -492,7 +539,8 @@ def slot_attention_triton(
     dot_dtype = query.dtype
     if dot_dtype == torch.bfloat16 and _interpreted():
         dot_dtype = torch.float32
-    block_m, block_n, num_warps = _tile_config(dot_dtype, head_dim, group * num_cols)
+    block_d = _block_d(head_dim)
+    block_m, block_n, num_warps = _tile_config(dot_dtype, block_d, group * num_cols)
     m_tiles = triton.cdiv(group * num_cols, block_m)
     splits, split_len = _num_splits(
         query.device, bsz * kv_heads * m_tiles, batch.kv_len_bound, block_n, num_splits
@@ -524,22 +572,24 @@ def slot_attention_triton(
             logits = torch.empty(logits_shape, dtype=torch.float32, device=device)
     has_window = sliding_window is not None
     want_lse = scores_out is not None or lse_out is not None
+    cap_in, cap_out = _softcap_factors(scale, softcap)
     # fmt: off
     _slot_attention_kernel[(splits, bsz * kv_heads, m_tiles)](
         query, key, value, k_cache, v_cache, out, part_o, part_lse, lse, logits,
-        batch.rows, batch.cache_lens, batch.q_lens,
-        float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], split_len, splits,
-        logits_width,
+        batch.rows, batch.cache_lens, batch.q_lens, sinks if sinks is not None else batch.q_lens,
+        float(scale) * _LOG2E, cap_in, cap_out, sliding_window or 0, num_cols, k_cache.shape[2], split_len,
+        splits, logits_width,
         *query.stride(), *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
-        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=has_window, SPLIT=splits > 1, DOT_DTYPE=dot_dtype,
         STORE_LSE=want_lse and splits == 1, STORE_LOGITS=from_logits,
+        HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=2,
     )
     if splits > 1:
         _merge_splits_kernel[(bsz * num_cols * q_heads,)](
             out, part_o, part_lse, lse, splits,
-            HEAD_DIM=head_dim, BLOCK_S=max(triton.next_power_of_2(splits), 2),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(triton.next_power_of_2(splits), 2),
             STORE_LSE=want_lse,
             num_warps=4 if head_dim >= 128 else 2,
         )
@@ -547,14 +597,31 @@ def slot_attention_triton(
     if scores_out is not None:
         _launch_scores(
             query, k_cache, lse, logits, scores_out, batch, scale, sliding_window, None, None, from_logits,
-            logits_width, block_m, block_n, dot_dtype,
+            logits_width, block_m, block_n, dot_dtype, softcap,
         )  # fmt: skip
     return out
 
 
+def _block_d(head_dim: int) -> int:
+    """Head-dim tile: the next power of two (>= 16 for ``tl.dot``); the padding lanes are masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+
+
+def _softcap_factors(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(cap_in, cap_out) of :func:`_logits`' soft-capped path (unused without soft-capping)."""
+    if softcap is None:
+        return 1.0, 1.0
+    return float(scale) / float(softcap), float(softcap) * _LOG2E
+
+
 def _launch_scores(
     query, k_cache, lse, logits, scores_out, batch, scale, sliding_window, col_from, col_to, from_logits,
-    logits_width, block_m, block_n, dot_dtype,
+    logits_width, block_m, block_n, dot_dtype, softcap=None,
 ) -> None:  # fmt: skip
     """Run :func:`_emit_scores_kernel` over the keys ``batch`` may see."""
     bsz, q_heads, num_cols, head_dim = query.shape
@@ -563,16 +630,18 @@ def _launch_scores(
     if key_blocks == 0 or bsz == 0:
         return
     has_range = col_from is not None
+    cap_in, cap_out = _softcap_factors(scale, softcap)
     # fmt: off
     _emit_scores_kernel[(key_blocks, bsz * kv_heads)](
         query, k_cache, lse, logits, scores_out,
         batch.rows, batch.cache_lens, batch.q_lens,
         col_from if has_range else batch.q_lens, col_to if has_range else batch.q_lens,
-        float(scale) * _LOG2E, sliding_window or 0, num_cols, k_cache.shape[2], logits_width,
+        float(scale) * _LOG2E, cap_in, cap_out, sliding_window or 0, num_cols, k_cache.shape[2], logits_width,
         *query.stride(), *k_cache.stride(), *scores_out.stride(),
-        KV_HEADS=kv_heads, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        KV_HEADS=kv_heads, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, FROM_LOGITS=from_logits, DOT_DTYPE=dot_dtype,
-        HAS_COL_RANGE=has_range,
+        HAS_COL_RANGE=has_range, HAS_SOFTCAP=softcap is not None,
         num_warps=4,
     )
     # fmt: on
@@ -588,6 +657,7 @@ def slot_attention_scores_triton(
     scores_out: torch.Tensor,
     col_from: torch.Tensor | None = None,
     col_to: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Add a past :func:`slot_attention_triton` call's attention scores to ``scores_out``, for chosen columns.
 
@@ -610,8 +680,11 @@ def slot_attention_scores_triton(
     col_from, col_to : torch.Tensor, optional
         int32 ``[B]``: only the valid columns at offsets ``[col_from[b], col_to[b])`` from row ``b``'s first
         valid column are counted (all valid columns without them).
+    softcap : float, optional
+        That call's logit soft-capping (its sinks, if any, are already in ``lse``).
     """
     bsz, q_heads, num_cols, head_dim = query.shape
+    _check_softcap(softcap)
     if lse.shape != (bsz, num_cols, q_heads) or lse.dtype != torch.float32:
         raise ValueError(
             f"lse must be float32 {(bsz, num_cols, q_heads)}, got {lse.dtype} {tuple(lse.shape)}"
@@ -627,11 +700,11 @@ def slot_attention_scores_triton(
     if dot_dtype == torch.bfloat16 and _interpreted():
         dot_dtype = torch.float32
     group = q_heads // k_cache.shape[1]
-    block_m, block_n, _ = _tile_config(dot_dtype, head_dim, group * num_cols)
+    block_m, block_n, _ = _tile_config(dot_dtype, _block_d(head_dim), group * num_cols)
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dot_dtype]
     _launch_scores(
         query, k_cache, lse, lse, scores_out, batch, scale, sliding_window, col_from, col_to, False, 1,
-        block_m, block_n, dot_dtype,
+        block_m, block_n, dot_dtype, softcap,
     )  # fmt: skip
 
 

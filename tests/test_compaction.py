@@ -1,4 +1,5 @@
-"""KV compaction: torch reference vs a naive loop, Triton kernel (interpreter on CPU) vs reference."""
+"""KV compaction: torch reference vs a naive loop, Triton kernel vs reference on the ``device`` fixture (the
+CPU interpreter, or CUDA tensors on a GPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.kernels.compaction import compact_kv_triton
-from effdecode.ops.compaction import compact_kv, compact_kv_reference, keep_index_from_mask
+from effdecode.ops.compaction import (
+    check_compaction_args,
+    compact_kv,
+    compact_kv_reference,
+    keep_index_from_mask,
+)
 
 IMPLS = {"reference": compact_kv_reference, "triton": compact_kv_triton}
 
@@ -26,9 +32,17 @@ def _naive_compact(key_buffer, value_buffer, cache_lens, rows, keep_index, keep_
 
 
 def _random_cache(
-    layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype
+    layers: int,
+    slots: int,
+    kv_heads: int,
+    capacity: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> SlotKVCache:
-    cache = SlotKVCache(KVGeometry(layers, kv_heads, head_dim), slots, capacity, dtype, torch.device("cpu"))
+    """A cache on ``device`` filled from CPU draws (so one seed gives the same cache on any device)."""
+    device = torch.device(device)
+    cache = SlotKVCache(KVGeometry(layers, kv_heads, head_dim), slots, capacity, dtype, device)
     cache.key_buffer.copy_(torch.randn(cache.key_buffer.shape))
     cache.value_buffer.copy_(torch.randn(cache.value_buffer.shape))
     cache.cache_lens.copy_(torch.randint(0, capacity + 1, (slots,), dtype=torch.int32))
@@ -56,14 +70,16 @@ def _random_keep_mask(cache_lens: list[int], kv_heads: int, width: int, kinds: l
     return mask
 
 
-def _setup(layers, slots, kv_heads, capacity, head_dim, dtype, num_rows, kinds=None):
-    cache = _random_cache(layers, slots, kv_heads, capacity, head_dim, dtype)
+def _setup(layers, slots, kv_heads, capacity, head_dim, dtype, num_rows, kinds=None, device=None):
+    device = device or torch.device("cpu")
+    cache = _random_cache(layers, slots, kv_heads, capacity, head_dim, dtype, device)
     rows = torch.randperm(slots)[:num_rows].to(torch.int32)
     all_kinds = ["random", "prefix", "all", "one", "none"]
     kinds = kinds or [all_kinds[int(i)] for i in torch.randint(0, len(all_kinds), (num_rows,))]
-    lens = cache.cache_lens[rows.long()].tolist()
-    keep_index, keep_lens = keep_index_from_mask(_random_keep_mask(lens, kv_heads, capacity, kinds))
-    return cache, rows, keep_index, keep_lens
+    lens = cache.cache_lens[rows.to(device).long()].tolist()
+    mask = _random_keep_mask(lens, kv_heads, capacity, kinds).to(device)
+    keep_index, keep_lens = keep_index_from_mask(mask)
+    return cache, rows.to(device), keep_index, keep_lens
 
 
 def _clone_state(cache: SlotKVCache) -> list[torch.Tensor]:
@@ -111,8 +127,10 @@ def test_reference_matches_naive_loop(fresh_seed, dtype):
         (3, 2, 50, 24, torch.float16),  # head_dim not a power of two
     ],
 )
-def test_triton_matches_reference(fresh_seed, layers, kv_heads, capacity, head_dim, dtype):
-    cache, rows, keep_index, keep_lens = _setup(layers, 8, kv_heads, capacity, head_dim, dtype, num_rows=6)
+def test_triton_matches_reference(device, fresh_seed, layers, kv_heads, capacity, head_dim, dtype):
+    cache, rows, keep_index, keep_lens = _setup(
+        layers, 8, kv_heads, capacity, head_dim, dtype, num_rows=6, device=device
+    )
     before = _clone_state(cache)
     positions = cache.positions.clone()
     ref = _clone_state(cache)
@@ -128,8 +146,10 @@ def test_triton_matches_reference(fresh_seed, layers, kv_heads, capacity, head_d
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["prefix", "all", "one", "none"])
-def test_special_keep_sets(fresh_seed, impl, kind):
-    cache, rows, keep_index, keep_lens = _setup(2, 5, 2, 33, 16, torch.float16, num_rows=3, kinds=[kind] * 3)
+def test_special_keep_sets(device, fresh_seed, impl, kind):
+    cache, rows, keep_index, keep_lens = _setup(
+        2, 5, 2, 33, 16, torch.float16, num_rows=3, kinds=[kind] * 3, device=device
+    )
     before = _clone_state(cache)
     IMPLS[impl](cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, keep_index, keep_lens)
     after = [cache.key_buffer, cache.value_buffer, cache.cache_lens]
@@ -141,13 +161,13 @@ def test_special_keep_sets(fresh_seed, impl, kind):
         assert torch.equal(after[2], before[2])
 
 
-def test_keep_index_beyond_lens_is_ignored(fresh_seed):
+def test_keep_index_beyond_lens_is_ignored(device, fresh_seed):
     """Entries past keep_lens may hold anything, even out-of-range indices; int64 indices work too."""
     cache, rows, keep_index, keep_lens = _setup(
-        2, 6, 2, 40, 16, torch.float32, num_rows=4, kinds=["random"] * 4
+        2, 6, 2, 40, 16, torch.float32, num_rows=4, kinds=["random"] * 4, device=device
     )
     poisoned = keep_index.long().clone()
-    cols = torch.arange(poisoned.shape[2])
+    cols = torch.arange(poisoned.shape[2], device=device)
     poisoned[(cols[None, :] >= keep_lens[:, None].long())[:, None, :].expand_as(poisoned)] = 10**9
     ref = _clone_state(cache)
     compact_kv_reference(*ref, rows, poisoned, keep_lens)
@@ -157,8 +177,8 @@ def test_keep_index_beyond_lens_is_ignored(fresh_seed):
     _check_result(_clone_state(cache), ref, rows, keep_index, keep_lens)
 
 
-def test_dispatch(fresh_seed):
-    cache, rows, keep_index, keep_lens = _setup(2, 5, 2, 20, 16, torch.float32, num_rows=3)
+def test_dispatch(device, fresh_seed):
+    cache, rows, keep_index, keep_lens = _setup(2, 5, 2, 20, 16, torch.float32, num_rows=3, device=device)
     results = []
     for backend in ("auto", "torch", "triton"):
         state = _clone_state(cache)
@@ -192,17 +212,17 @@ def test_argument_checks():
             impl(k, v, lens.long(), rows, index, keep)
 
 
-def test_empty_rows():
-    cache = _random_cache(2, 3, 2, 10, 8, torch.float32)
+def test_empty_rows(device):
+    cache = _random_cache(2, 3, 2, 10, 8, torch.float32, device)
     before = _clone_state(cache)
     for impl in IMPLS.values():
         impl(
             cache.key_buffer,
             cache.value_buffer,
             cache.cache_lens,
-            torch.zeros(0, dtype=torch.int32),
-            torch.zeros(0, 2, 5, dtype=torch.int32),
-            torch.zeros(0, dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int32, device=device),
+            torch.zeros(0, 2, 5, dtype=torch.int32, device=device),
+            torch.zeros(0, dtype=torch.int32, device=device),
         )
     for got, want in zip((cache.key_buffer, cache.value_buffer, cache.cache_lens), before, strict=True):
         assert torch.equal(got, want)
@@ -244,24 +264,27 @@ def test_keep_index_from_mask_budget_and_disagreeing_heads():
         keep_index_from_mask(mask.int())
 
 
-def _per_layer_setup(layers, slots, kv_heads, capacity, head_dim, dtype, num_rows):
+def _per_layer_setup(layers, slots, kv_heads, capacity, head_dim, dtype, num_rows, device=None):
     """A cache and a different random selection per layer (same count per row across layers and heads)."""
-    cache = _random_cache(layers, slots, kv_heads, capacity, head_dim, dtype)
+    device = device or torch.device("cpu")
+    cache = _random_cache(layers, slots, kv_heads, capacity, head_dim, dtype, device)
     rows = torch.randperm(slots)[:num_rows].to(torch.int32)
-    lens = cache.cache_lens[rows.long()].tolist()
+    lens = cache.cache_lens.cpu()[rows.long()].tolist()
     counts = [int(torch.randint(0, n + 1, ())) for n in lens]
     index = torch.zeros(layers, num_rows, kv_heads, capacity, dtype=torch.int32)
     for layer in range(layers):
         for r, (length, count) in enumerate(zip(lens, counts, strict=True)):
             for h in range(kv_heads):
                 index[layer, r, h, :count] = torch.randperm(length)[:count].sort().values.to(torch.int32)
-    return cache, rows, index, torch.tensor(counts, dtype=torch.int32)
+    return cache, rows.to(device), index.to(device), torch.tensor(counts, dtype=torch.int32, device=device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_per_layer_selection(fresh_seed, impl):
+def test_per_layer_selection(device, fresh_seed, impl):
     layers = 3
-    cache, rows, keep_index, keep_lens = _per_layer_setup(layers, 6, 2, 40, 16, torch.float32, num_rows=4)
+    cache, rows, keep_index, keep_lens = _per_layer_setup(
+        layers, 6, 2, 40, 16, torch.float32, num_rows=4, device=device
+    )
     old_k, old_v = cache.key_buffer.clone(), cache.value_buffer.clone()
     old_lens = cache.cache_lens.clone()
     IMPLS[impl](cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, keep_index, keep_lens)
@@ -284,3 +307,22 @@ def test_per_layer_index_needs_every_layer():
         compact_kv_reference(
             cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, keep_index[:2], keep_lens
         )
+
+
+@pytest.mark.parametrize("impl", [compact_kv, *IMPLS.values()])
+def test_duplicate_rows_are_rejected(impl):
+    """Two programs compacting one slot would race: rows on the CPU are checked before any work."""
+    cache = _random_cache(2, 4, 2, 10, 8, torch.float32)
+    before = _clone_state(cache)
+    rows = torch.tensor([2, 0, 2], dtype=torch.int32)
+    index = torch.arange(3, dtype=torch.int32).expand(3, 2, 3).contiguous()
+    keep = torch.full((3,), 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"distinct slots; repeated: \[2\]"):
+        impl(cache.key_buffer, cache.value_buffer, cache.cache_lens, rows, index, keep)
+    for got, want in zip((cache.key_buffer, cache.value_buffer, cache.cache_lens), before, strict=True):
+        assert torch.equal(got, want)
+    # The same arguments with distinct rows pass the check (and run, through the reference).
+    distinct = (cache.key_buffer, cache.value_buffer, cache.cache_lens, rows[:2], index[:2], keep[:2])
+    check_compaction_args(*distinct)
+    compact_kv_reference(*distinct)
+    assert cache.cache_lens[[2, 0]].tolist() == [2, 2]

@@ -1,4 +1,5 @@
-"""N-gram drafting: torch reference vs a plain per-row loop; Triton (interpreter on CPU) vs the reference."""
+"""N-gram drafting: torch reference vs a plain per-row loop; Triton vs the reference on the ``device``
+fixture (the CPU interpreter, or CUDA tensors on a GPU)."""
 
 from __future__ import annotations
 
@@ -94,12 +95,12 @@ def test_reference_matches_loop(fresh_seed, max_ngram, min_ngram, num_draft, voc
 
 @pytest.mark.parametrize("max_ngram,min_ngram,num_draft", CONFIGS)
 @pytest.mark.parametrize("vocab", [3, 40])
-def test_triton_matches_reference(fresh_seed, max_ngram, min_ngram, num_draft, vocab):
+def test_triton_matches_reference(device, fresh_seed, max_ngram, min_ngram, num_draft, vocab):
     gen = random.Random(fresh_seed)
     # Wider than one scan block, so the kernel walks several blocks and carries its best match across them.
     tokens, lengths = _random_histories(8, 2100, vocab, max_ngram, gen)
     rows = _random_rows(8, gen)
-    got = ngram_propose_triton(tokens, lengths, rows, max_ngram, min_ngram, num_draft)
+    got = _on_device(ngram_propose_triton, device, tokens, lengths, rows, max_ngram, min_ngram, num_draft)
     want = ngram_propose_reference(tokens, lengths, rows, max_ngram, min_ngram, num_draft)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert got[0].dtype == torch.int64 and got[1].dtype == torch.int32
@@ -108,12 +109,19 @@ def test_triton_matches_reference(fresh_seed, max_ngram, min_ngram, num_draft, v
 IMPLS = {"reference": ngram_propose_reference, "triton": ngram_propose_triton}
 
 
-def _propose(impl: str, history: list[int], max_ngram: int, min_ngram: int, num_draft: int):
+def _on_device(fn, device, tokens, lengths, rows, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` on ``device`` copies of the CPU inputs; the results back on the CPU."""
+    drafts, draft_lens = fn(tokens.to(device), lengths.to(device), rows.to(device), *args, **kwargs)
+    assert drafts.device.type == draft_lens.device.type == torch.device(device).type
+    return drafts.cpu(), draft_lens.cpu()
+
+
+def _propose(impl: str, device, history: list[int], max_ngram: int, min_ngram: int, num_draft: int):
     """Proposal of one hand-written history, checked against the loop as well."""
     tokens = torch.tensor([history], dtype=torch.int64)
     lengths = torch.tensor([len(history)], dtype=torch.int32)
     rows = torch.tensor([0], dtype=torch.int32)
-    got = IMPLS[impl](tokens, lengths, rows, max_ngram, min_ngram, num_draft)
+    got = _on_device(IMPLS[impl], device, tokens, lengths, rows, max_ngram, min_ngram, num_draft)
     torch.testing.assert_close(
         got, _loop_propose(tokens, lengths, rows, max_ngram, min_ngram, num_draft), rtol=0, atol=0
     )
@@ -121,36 +129,36 @@ def _propose(impl: str, history: list[int], max_ngram: int, min_ngram: int, num_
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_hand_written_cases(impl):
+def test_hand_written_cases(device, impl):
     # Longest suffix wins over a more recent shorter one: (1 2 3) at 0 beats (2 3) at 5.
-    assert _propose(impl, [1, 2, 3, 10, 9, 2, 3, 11, 7, 1, 2, 3], 3, 1, 2) == [10, 9]
+    assert _propose(impl, device, [1, 2, 3, 10, 9, 2, 3, 11, 7, 1, 2, 3], 3, 1, 2) == [10, 9]
     # Among equal lengths the most recent wins.
-    assert _propose(impl, [4, 5, 20, 4, 5, 21, 4, 5], 2, 1, 3) == [21, 4, 5]
+    assert _propose(impl, device, [4, 5, 20, 4, 5, 21, 4, 5], 2, 1, 3) == [21, 4, 5]
     # Proposal clipped at the end of the history: (6 7) at 1, followed by only 6 7.
-    assert _propose(impl, [5, 6, 7, 6, 7], 2, 1, 4) == [6, 7]
+    assert _propose(impl, device, [5, 6, 7, 6, 7], 2, 1, 4) == [6, 7]
     # A run of one token: the suffix may overlap its occurrence; most recent start is len - n - 1.
-    assert _propose(impl, [9, 9, 9, 9, 9], 3, 1, 4) == [9]
+    assert _propose(impl, device, [9, 9, 9, 9, 9], 3, 1, 4) == [9]
     # No match at any n.
-    assert _propose(impl, list(range(50)), 4, 1, 4) == []
+    assert _propose(impl, device, list(range(50)), 4, 1, 4) == []
     # min_ngram excludes the only (short) match.
-    assert _propose(impl, [1, 2, 8, 3, 2], 3, 2, 4) == []
-    assert _propose(impl, [1, 2, 8, 3, 2], 3, 1, 4) == [8, 3, 2]
+    assert _propose(impl, device, [1, 2, 8, 3, 2], 3, 2, 4) == []
+    assert _propose(impl, device, [1, 2, 8, 3, 2], 3, 1, 4) == [8, 3, 2]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_short_histories(impl):
+def test_short_histories(device, impl):
     # len < n + 1 for every n: nothing, even though the tokens repeat.
     for history in ([], [7], [7, 7]):
-        assert _propose(impl, history, 3, 2, 4) == []
+        assert _propose(impl, device, history, 3, 2, 4) == []
     # len == n + 1 exactly: the suffix's only earlier start is 0.
-    assert _propose(impl, [7, 7], 1, 1, 4) == [7]
-    assert _propose(impl, [7, 7, 7], 2, 1, 4) == [7]
+    assert _propose(impl, device, [7, 7], 1, 1, 4) == [7]
+    assert _propose(impl, device, [7, 7, 7], 2, 1, 4) == [7]
     # Too short for n = 3, long enough for n = 2.
-    assert _propose(impl, [3, 4, 3, 4], 3, 1, 4) == [3, 4]
+    assert _propose(impl, device, [3, 4, 3, 4], 3, 1, 4) == [3, 4]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rows_of_different_lengths(impl):
+def test_rows_of_different_lengths(device, impl):
     width = 30
     histories = [[1, 2, 3, 4, 1, 2], [5, 6, 5], [8], list(range(100, 130)), [2, 2, 3, 2, 2]]
     tokens = torch.randint(0, 5, (len(histories), width))  # stale tokens past each length
@@ -158,12 +166,12 @@ def test_rows_of_different_lengths(impl):
         tokens[slot, : len(history)] = torch.tensor(history)
     lengths = torch.tensor([len(h) for h in histories], dtype=torch.int32)
     rows = torch.tensor([4, 2, 0, 3, 1], dtype=torch.int32)
-    drafts, draft_lens = IMPLS[impl](tokens, lengths, rows, 2, 1, 3)
+    drafts, draft_lens = _on_device(IMPLS[impl], device, tokens, lengths, rows, 2, 1, 3)
     assert draft_lens.tolist() == [3, 0, 3, 0, 2]
     assert drafts.tolist() == [[3, 2, 2], [-1] * 3, [3, 4, 1], [-1] * 3, [6, 5, -1]]
 
 
-def test_long_history_triton(fresh_seed):
+def test_long_history_triton(device, fresh_seed):
     """5000 tokens: a full scan to a match near the start, an early exit near the end, and no match."""
     gen = torch.Generator().manual_seed(fresh_seed)
     width, max_ngram = 5000, 4
@@ -178,7 +186,7 @@ def test_long_history_triton(fresh_seed):
     rows = torch.tensor([0, 1, 2], dtype=torch.int32)
 
     start = time.perf_counter()
-    got = ngram_propose_triton(tokens, lengths, rows, max_ngram, 1, 5)
+    got = _on_device(ngram_propose_triton, device, tokens, lengths, rows, max_ngram, 1, 5)
     elapsed = time.perf_counter() - start
     torch.testing.assert_close(
         got, ngram_propose_reference(tokens, lengths, rows, max_ngram, 1, 5), rtol=0, atol=0
@@ -189,26 +197,27 @@ def test_long_history_triton(fresh_seed):
     assert elapsed < 20, f"interpreted kernel took {elapsed:.1f} s on 5000 tokens"
 
 
-def test_strided_tokens_and_dispatch(fresh_seed):
+def test_strided_tokens_and_dispatch(device, fresh_seed):
     gen = random.Random(fresh_seed)
     tokens, lengths = _random_histories(6, 50, 4, 3, gen)
     strided = tokens.t().contiguous().t()  # same values, column-major strides
     rows = _random_rows(6, gen)
     want = ngram_propose_reference(tokens, lengths, rows, 3, 1, 4)
     for got in (
-        ngram_propose_triton(strided, lengths, rows, 3, 1, 4),
-        ngram_propose(tokens, lengths, rows, 3, 1, 4, backend="triton"),
-        ngram_propose(tokens, lengths, rows, 3, 1, 4, backend="torch"),
-        ngram_propose(tokens, lengths, rows, 3, 1, 4),  # auto on CPU: the reference
+        _on_device(ngram_propose_triton, device, strided, lengths, rows, 3, 1, 4),
+        _on_device(ngram_propose, device, tokens, lengths, rows, 3, 1, 4, backend="triton"),
+        _on_device(ngram_propose, device, tokens, lengths, rows, 3, 1, 4, backend="torch"),
+        _on_device(ngram_propose, device, tokens, lengths, rows, 3, 1, 4),  # auto: Triton on CUDA
     ):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_empty_batch(impl):
+def test_empty_batch(device, impl):
     tokens = torch.zeros(3, 8, dtype=torch.int64)
     lengths = torch.full((3,), 8, dtype=torch.int32)
-    drafts, draft_lens = IMPLS[impl](tokens, lengths, torch.zeros(0, dtype=torch.int32), 3, 1, 4)
+    empty = torch.zeros(0, dtype=torch.int32)
+    drafts, draft_lens = _on_device(IMPLS[impl], device, tokens, lengths, empty, 3, 1, 4)
     assert drafts.shape == (0, 4) and draft_lens.shape == (0,)
 
 

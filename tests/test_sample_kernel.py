@@ -1,5 +1,6 @@
 """The sample op: Triton kernel vs torch reference (identical tokens given the exponentials), the reference vs
-transformers-exact ``warp_logits``, and the sampled frequencies of both (Triton's interpreter on CPU)."""
+transformers-exact ``warp_logits``, and the sampled frequencies of both. The kernel runs on the ``device``
+fixture (Triton's interpreter on the CPU, CUDA tensors on a GPU); inputs are drawn on the CPU."""
 
 from __future__ import annotations
 
@@ -62,9 +63,22 @@ def boundary_exponentials(logits: torch.Tensor, params: tuple[torch.Tensor, ...]
     return exponentials
 
 
-def assert_same_tokens(logits, params, exponentials, **kernel_kwargs) -> torch.Tensor:
+def kernel(logits, params, seeds, offsets, exponentials=None, *, device, **kernel_kwargs) -> torch.Tensor:
+    """``sample_tokens_triton`` on ``device`` copies of CPU inputs; the tokens back on the CPU."""
+
+    def on(t):
+        return None if t is None else t.to(device)
+
+    tokens = sample_tokens_triton(
+        on(logits), *(on(p) for p in params), on(seeds), on(offsets), on(exponentials), **kernel_kwargs
+    )
+    assert tokens.device.type == torch.device(device).type
+    return tokens.cpu()
+
+
+def assert_same_tokens(logits, params, exponentials, *, device, **kernel_kwargs) -> torch.Tensor:
     expected = sample_tokens_reference(logits, *params, exponentials=exponentials)
-    actual = sample_tokens_triton(logits, *params, None, None, exponentials, **kernel_kwargs)
+    actual = kernel(logits, params, None, None, exponentials, device=device, **kernel_kwargs)
     assert actual.dtype == torch.int64
     assert torch.equal(actual, expected), (actual, expected)
     return expected
@@ -74,66 +88,76 @@ def assert_same_tokens(logits, params, exponentials, **kernel_kwargs) -> torch.T
 
 
 @pytest.mark.parametrize("vocab", [1000, 151_936])
-def test_kernel_matches_reference_on_mixed_rows(vocab, fresh_seed):
+def test_kernel_matches_reference_on_mixed_rows(device, vocab, fresh_seed):
     logits = torch.randn(len(MIXED_ROWS), vocab) * 3
     params = row_params(MIXED_ROWS)
-    assert_same_tokens(logits, params, torch.empty_like(logits).exponential_())
+    assert_same_tokens(logits, params, torch.empty_like(logits).exponential_(), device=device)
     # The boundary test: identical tokens here mean identical top-k / top-p / min-p thresholds.
     edge = boundary_exponentials(logits, params)
-    tokens = assert_same_tokens(logits, params, edge)
+    tokens = assert_same_tokens(logits, params, edge, device=device)
     greedy, scores, keep = filter_scores_reference(logits, *params)
     lowest_kept = torch.where(keep, scores, torch.inf).argmin(dim=-1)
     assert torch.equal(tokens[~greedy], lowest_kept[~greedy])
 
 
 @pytest.mark.parametrize("rows_per_program", [1, 2, 8])
-def test_kernel_tiles_of_rows_agree(rows_per_program, fresh_seed):
+def test_kernel_tiles_of_rows_agree(device, rows_per_program, fresh_seed):
     """Row tiles (the small-vocabulary layout) and one row per program (the GPU's large-vocabulary one)."""
     rows = MIXED_ROWS * 2 + MIXED_ROWS[:3]  # 27 rows: a partial last tile
     logits = torch.randn(len(rows), 300) * 2
     params = row_params(rows)
     assert_same_tokens(
-        logits, params, torch.empty_like(logits).exponential_(), rows_per_program=rows_per_program
+        logits,
+        params,
+        torch.empty_like(logits).exponential_(),
+        rows_per_program=rows_per_program,
+        device=device,
     )
     assert_same_tokens(
-        logits, params, boundary_exponentials(logits, params), rows_per_program=rows_per_program
+        logits,
+        params,
+        boundary_exponentials(logits, params),
+        rows_per_program=rows_per_program,
+        device=device,
     )
 
 
 @pytest.mark.parametrize("num_pivots", [1, 2, 32])
-def test_kernel_search_is_exact_for_any_pivot_count(num_pivots, fresh_seed):
+def test_kernel_search_is_exact_for_any_pivot_count(device, num_pivots, fresh_seed):
     """One pivot is plain bisection on the ordered encoding; more pivots only take fewer passes."""
     logits = torch.randn(len(MIXED_ROWS), 1000) * 3
     params = row_params(MIXED_ROWS)
-    assert_same_tokens(logits, params, boundary_exponentials(logits, params), num_pivots=num_pivots)
+    assert_same_tokens(
+        logits, params, boundary_exponentials(logits, params), num_pivots=num_pivots, device=device
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_matches_reference_low_precision_logits(dtype, fresh_seed):
+def test_kernel_matches_reference_low_precision_logits(device, dtype, fresh_seed):
     logits = (torch.randn(len(MIXED_ROWS), 1000) * 3).to(dtype)
     params = row_params(MIXED_ROWS)
-    assert_same_tokens(logits, params, torch.empty(logits.shape).exponential_())
-    assert_same_tokens(logits, params, boundary_exponentials(logits, params))
+    assert_same_tokens(logits, params, torch.empty(logits.shape).exponential_(), device=device)
+    assert_same_tokens(logits, params, boundary_exponentials(logits, params), device=device)
 
 
-def test_kernel_matches_reference_with_ties(fresh_seed):
+def test_kernel_matches_reference_with_ties(device, fresh_seed):
     """Rounded logits tie everywhere, the top-k and top-p boundaries included; both sides keep whole ties."""
     rows = [r for r in MIXED_ROWS if r[0] > 0] * 4
     logits = (torch.randn(len(rows), 1000) * 3).round()
     params = row_params(rows)
     for _ in range(3):
-        assert_same_tokens(logits, params, torch.empty_like(logits).exponential_())
-    assert_same_tokens(logits, params, boundary_exponentials(logits, params))
+        assert_same_tokens(logits, params, torch.empty_like(logits).exponential_(), device=device)
+    assert_same_tokens(logits, params, boundary_exponentials(logits, params), device=device)
 
 
-def test_kernel_takes_strided_rows(fresh_seed):
+def test_kernel_takes_strided_rows(device, fresh_seed):
     """Last-position logits of a [B, T, V] output are a strided view; the kernel reads it in place."""
     logits = torch.randn(len(MIXED_ROWS), 3, 500)[:, -1]
     params = row_params(MIXED_ROWS)
-    assert_same_tokens(logits, params, torch.empty(logits.shape).exponential_())
+    assert_same_tokens(logits, params, torch.empty(logits.shape).exponential_(), device=device)
 
 
-def test_greedy_ties_go_to_the_lowest_index():
+def test_greedy_ties_go_to_the_lowest_index(device):
     vocab = 151_936
     logits = torch.randn(2, vocab)
     logits[0, [70_000, 150_000]] = 50.0  # tied maximum, far apart (different blocks)
@@ -141,7 +165,7 @@ def test_greedy_ties_go_to_the_lowest_index():
     params = row_params([(0.0, 0, 1.0, 0.0), (0.0, 0, 1.0, 0.0)])
     expected = torch.tensor([70_000, 3])
     assert torch.equal(sample_tokens_reference(logits, *params), expected)
-    assert torch.equal(sample_tokens_triton(logits, *params, torch.zeros(2), torch.zeros(2)), expected)
+    assert torch.equal(kernel(logits, params, torch.zeros(2), torch.zeros(2), device=device), expected)
 
 
 # ---- the reference's semantics ------------------------------------------------------------------------
@@ -164,7 +188,7 @@ def test_reference_equals_warp_logits_row_by_row(vocab, fresh_seed):
             assert tokens[b] == (warped - exps[b].log()).argmax(), row
 
 
-def test_tie_rules():
+def test_tie_rules(device):
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [2.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
     # top-k = 2: the 2nd largest is 3, tied with two more tokens: all three stay (as in transformers).
     _, _, keep = filter_scores_reference(logits[:1], *row_params([(1.0, 2, 1.0, 0.0)]))
@@ -180,7 +204,7 @@ def test_tie_rules():
     draws = 200
     batch = logits.repeat(draws, 1)
     params = row_params([(1.0, 2, 1.0, 0.0), (1.0, 0, 0.6, 0.0)] * draws)
-    tokens = assert_same_tokens(batch, params, torch.empty_like(batch).exponential_())
+    tokens = assert_same_tokens(batch, params, torch.empty_like(batch).exponential_(), device=device)
     assert set(tokens[0::2].tolist()) == {1, 2, 4} and set(tokens[1::2].tolist()) == {0, 1, 2, 3}
 
 
@@ -245,41 +269,44 @@ def test_reference_samples_the_warped_distribution(params, fresh_seed):
 
 
 @pytest.mark.parametrize("params", STAT_CONFIGS, ids=str)
-def test_kernel_philox_samples_the_warped_distribution(params, fresh_seed):
+def test_kernel_philox_samples_the_warped_distribution(device, params, fresh_seed):
     """In-kernel Philox draws: one seed per row (offset 0), rows batched 20k at a time."""
     seeds = fresh_seed * 100_003 + torch.arange(STAT_DRAWS)
-    tokens = sample_tokens_triton(
-        *stat_batch(params, STAT_DRAWS), seeds, torch.zeros(STAT_DRAWS, dtype=torch.int64)
-    )
+    logits, *rules = stat_batch(params, STAT_DRAWS)
+    tokens = kernel(logits, rules, seeds, torch.zeros(STAT_DRAWS, dtype=torch.int64), device=device)
     check_frequencies(tokens, params)
 
 
-def test_kernel_philox_offsets_stream_one_seed(fresh_seed):
+def test_kernel_philox_offsets_stream_one_seed(device, fresh_seed):
     """One seed for every row, offsets V apart (the documented way to share a seed): the same distribution."""
     params = STAT_CONFIGS[2]
     vocab = len(STAT_LOGITS)
     seeds = torch.full((STAT_DRAWS,), fresh_seed, dtype=torch.int64)
     offsets = torch.arange(STAT_DRAWS, dtype=torch.int64) * vocab
-    check_frequencies(sample_tokens_triton(*stat_batch(params, STAT_DRAWS), seeds, offsets), params)
+    logits, *rules = stat_batch(params, STAT_DRAWS)
+    check_frequencies(kernel(logits, rules, seeds, offsets, device=device), params)
 
 
-def test_kernel_seeds_and_offsets(fresh_seed):
+def test_kernel_seeds_and_offsets(device, fresh_seed):
     rows = 64
     logits = torch.randn(rows, 1000)
     params = row_params([(1.0, 0, 1.0, 0.0)] * rows)
     seeds = torch.randint(0, 2**62, (rows,))
     offsets = torch.randint(0, 2**40, (rows,))
 
-    first = sample_tokens_triton(logits, *params, seeds, offsets)
-    assert torch.equal(first, sample_tokens_triton(logits, *params, seeds.clone(), offsets.clone()))
+    def draw(logits, seeds, offsets, **kwargs):
+        return kernel(logits, params, seeds, offsets, device=device, **kwargs)
+
+    first = draw(logits, seeds, offsets)
+    assert torch.equal(first, draw(logits, seeds.clone(), offsets.clone()))
     # A row's draws depend only on its own seed and offset, not on how rows are tiled.
-    assert torch.equal(first, sample_tokens_triton(logits, *params, seeds, offsets, rows_per_program=1))
+    assert torch.equal(first, draw(logits, seeds, offsets, rows_per_program=1))
     # Near-flat rows over 1000 tokens: a fresh draw repeats a row's token with probability about 1e-3.
-    assert (first != sample_tokens_triton(logits, *params, seeds + 1, offsets)).sum() > rows // 2
-    assert (first != sample_tokens_triton(logits, *params, seeds, offsets + 1000)).sum() > rows // 2
+    assert (first != draw(logits, seeds + 1, offsets)).sum() > rows // 2
+    assert (first != draw(logits, seeds, offsets + 1000)).sum() > rows // 2
     # Rows with the same logits but their own seeds draw different tokens.
     same_logits = logits[:1].expand(rows, -1).contiguous()
-    assert sample_tokens_triton(same_logits, *params, seeds, offsets).unique().numel() > rows // 2
+    assert draw(same_logits, seeds, offsets).unique().numel() > rows // 2
 
 
 def test_reference_generator_reproduces(fresh_seed):
@@ -296,18 +323,19 @@ def test_reference_generator_reproduces(fresh_seed):
 # ---- dispatch and validation ----------------------------------------------------------------------------
 
 
-def test_sample_tokens_dispatch(monkeypatch, fresh_seed):
+def test_sample_tokens_dispatch(device, monkeypatch, fresh_seed):
     monkeypatch.delenv("EFFDECODE_BACKEND", raising=False)
     logits = torch.randn(len(MIXED_ROWS), 500)
     params = row_params(MIXED_ROWS)
     exps = torch.empty_like(logits).exponential_()
     seeds = offsets = torch.zeros(len(MIXED_ROWS), dtype=torch.int64)
     expected = sample_tokens_reference(logits, *params, exponentials=exps)
+    on = [t.to(device) for t in (logits, *params, seeds, offsets, exps)]
     for backend in ("auto", "torch", "triton", "cuda"):
-        assert torch.equal(sample_tokens(logits, *params, seeds, offsets, exps, backend=backend), expected)
+        assert torch.equal(sample_tokens(*on, backend=backend).cpu(), expected)
     # Without exponentials: the kernel's Philox draws, or torch's generator on the torch backend.
-    triton_tokens = sample_tokens(logits, *params, seeds, offsets, backend="triton")
-    assert torch.equal(triton_tokens, sample_tokens_triton(logits, *params, seeds, offsets))
+    triton_tokens = sample_tokens(*on[:-1], backend="triton").cpu()
+    assert torch.equal(triton_tokens, kernel(logits, params, seeds, offsets, device=device))
     torch.manual_seed(fresh_seed)
     torch_tokens = sample_tokens(logits, *params, None, None, backend="torch")
     torch.manual_seed(fresh_seed)

@@ -12,8 +12,11 @@ rows with fewer drafts are padded, as in the eager path). What a captured step n
   :func:`release_graphs`, which ``unpatch`` calls). A call that needs more rows or capacity reallocates it and
   drops the captured graphs.
 - A static batch description: ``kv_len_bound`` is the capacity (the kernels mask by each row's own
-  ``cache_len``, so the bound only sizes the grid), rows past the real ones point at a scratch slot whose
-  length stays 0, so padding rows write there and are never read.
+  ``cache_len``, so the bound only sizes the grid). Rows past the real ones (padding up to the bucket) keep
+  the attention contract: each gets its own slot, one the step's real rows do not use (the cache has a
+  slot more than the largest bucket, so there are always enough), and ``q_len`` 0, so it writes nothing and
+  attends to nothing; the slots are picked on the device, without a host sync. Hence ``q_full`` is off
+  for captured steps (the flash-attn path then writes the valid columns itself).
 
 Everything else of the step (logits processing, sampling, stop checks, cache length updates) runs eagerly.
 On a machine without CUDA (tests), ``replay`` runs the same static-buffer step eagerly, so the bucketing and
@@ -43,16 +46,39 @@ def bucket_for(rows: int) -> int | None:
     return None
 
 
+def unused_slots(rows: torch.Tensor, num_slots: int, count: int) -> torch.Tensor:
+    """``count`` distinct slots outside ``rows``, in increasing order, found on the device (no host sync).
+
+    Parameters
+    ----------
+    rows : torch.Tensor
+        int32 ``[B]``, distinct slots in use.
+    num_slots : int
+        Slots of the cache; ``num_slots - B >= count``.
+    count : int
+        How many slots to return.
+
+    Returns
+    -------
+    torch.Tensor
+        int32 ``[count]``.
+    """
+    taken = torch.zeros(num_slots, dtype=torch.uint8, device=rows.device)
+    taken[rows.long()] = 1
+    # A stable sort puts the free slots (0) first, in index order.
+    return torch.sort(taken, stable=True).indices[:count].to(torch.int32)
+
+
 class _CapturedStep:
     """Static inputs/outputs of one (bucket, q_len) and its graph (or, without CUDA, an eager stand-in)."""
 
     def __init__(self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool) -> None:
         device = cache.device
-        scratch = cache.num_slots - 1
         self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
         self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
-        self.rows = torch.full((bucket,), scratch, dtype=torch.int32, device=device)
-        self.q_lens = torch.full((bucket,), num_cols, dtype=torch.int32, device=device)
+        # Until the first run fills them: distinct slots that write nothing (warm-up and capture).
+        self.rows = torch.arange(bucket, dtype=torch.int32, device=device)
+        self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
 
         def step() -> torch.Tensor:
             batch = SlotBatch(
@@ -61,7 +87,7 @@ class _CapturedStep:
                 self.q_lens,
                 kv_len_bound=cache.capacity,
                 backend=backend,
-                q_full=num_cols == 1,
+                q_full=False,  # padding rows have q_len 0
             )
             return forward_logits(
                 model, cache, batch, self.input_ids, self.positions, last_only=num_cols == 1
@@ -104,7 +130,7 @@ class DecodeGraphs:
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
     ) -> SlotKVCache:
-        """A cache with at least ``rows`` slots (+1 scratch) and ``capacity`` entries, lengths reset."""
+        """A cache with at least ``rows`` slots (+1 spare) and ``capacity`` entries, lengths reset."""
         bucket = bucket_for(rows) or rows
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
         cache = self.cache
@@ -164,11 +190,16 @@ class DecodeGraphs:
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
-        step.rows[num_rows:].fill_(self.cache.num_slots - 1)  # padding rows write into the scratch slot
         step.input_ids[:num_rows].copy_(tokens.view(num_rows, num_cols))
         step.positions[:num_rows].copy_(positions.view(num_rows, num_cols))
         if q_lens is not None:
             step.q_lens[:num_rows].copy_(q_lens)
+        else:
+            step.q_lens[:num_rows].fill_(num_cols)
+        padding = step.rows.shape[0] - num_rows
+        if padding:
+            step.rows[num_rows:].copy_(unused_slots(rows, self.cache.num_slots, padding))
+            step.q_lens[num_rows:].zero_()  # padding rows write nothing and attend to nothing
         return step.replay()[:num_rows]
 
     def release(self) -> None:

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.families import SUPPORTED, unsupported_reason
 from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
 
-# Model families verified token-for-token against transformers' generate (tests/test_engine_equivalence.py).
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Model families verified token-for-token against transformers' generate (tests/test_families.py).
+SUPPORTED_MODEL_TYPES = frozenset(SUPPORTED)
 
 # ``generate`` arguments only transformers' own generate handles.
 _UNSUPPORTED_ARGUMENTS = (
@@ -164,9 +165,9 @@ def check_model_supported(model: torch.nn.Module) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise Unsupported("model", "encoder-decoder models")
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise Unsupported("model", f"model_type {model_type!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)})")
+    reason = unsupported_reason(getattr(config, "model_type", None))
+    if reason is not None:
+        raise Unsupported("model", reason)
 
 
 def _infer_attention_mask(

@@ -11,7 +11,13 @@ Layout (the contract every implementation follows):
   ``cache_lens[rows[b]] + t - (T - q_lens[b])`` and attends causally to all indices up to and including it.
   Columns left of the valid ones are padding: they write nothing and their output is unspecified.
 - ``sliding_window``: if set, a query at cache index ``i`` only sees keys at indices ``> i - sliding_window``
-  (HF's rule).
+  (HF's rule: the query itself and the ``sliding_window - 1`` keys before it). Cache indices are positions
+  while nothing has been evicted; after a compaction the window spans the last ``sliding_window`` kept
+  entries. transformers passes each layer's window per call (None on full-attention layers).
+- ``softcap`` (Gemma 2): if set, each logit ``s = scale * q.k`` becomes ``softcap * tanh(s / softcap)`` before
+  masking and softmax.
+- ``sinks`` (gpt-oss, HF's ``s_aux``): ``[q_heads]`` learned logits, one per query head, that join every
+  query's softmax denominator (``exp(sink_h)``) but attend to no value: the weights sum to less than one.
 - ``scores_out`` (optional): float32 ``[slots, kv_heads, capacity]``. Every valid query column of row ``b``
   and every query head of kv head ``k``'s GQA group adds its softmax weight on key ``j`` to
   ``scores_out[rows[b], k, j]``, for each key it sees (old and new entries). It accumulates (eviction policies
@@ -70,6 +76,35 @@ def _attention_mask(batch: SlotBatch, num_cols: int, sliding_window: int | None,
     return batch.derived[key]
 
 
+def _attention_weights(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax weights ``[B, kv_heads, group, T, L]`` of each query head on each key, in ``query.dtype``.
+
+    ``query`` ``[B, q_heads, T, D]``, ``keys`` ``[B, kv_heads, L, D]`` (same dtype), ``mask`` boolean
+    ``[B, 1, T, L]``. Soft-capping applies to the scaled logits before the mask; a head's sink logit joins its
+    softmax denominator only (the weights then sum to less than one).
+    """
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
+    q = query.unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, kv_heads, group, T, D]
+    logits = torch.einsum("bkgtd,bknd->bkgtn", q, keys) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    sink = sinks.to(logits.dtype).view(1, kv_heads, q_heads // kv_heads, 1, 1)
+    # Shift by the largest logit, the sink included, so neither exp overflows.
+    top = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+    exp = torch.exp(logits - top)
+    return exp / (exp.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
+
+
 def _accumulate_scores(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -79,6 +114,8 @@ def _accumulate_scores(
     scores_out: torch.Tensor,
     col_from: torch.Tensor | None = None,
     col_to: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Add each visible key's softmax weight, summed over GQA groups and counted columns, to ``scores_out``.
 
@@ -99,14 +136,16 @@ def _accumulate_scores(
     col_from, col_to : torch.Tensor, optional
         int ``[B]``: count only the valid columns at offsets ``[col_from[b], col_to[b])`` from the row's first
         valid one (every valid column without them).
+    softcap : float, optional
+        Logit soft-capping (see the module docstring).
+    sinks : torch.Tensor, optional
+        ``[q_heads]`` per-head sink logits (see the module docstring).
     """
-    _, q_heads, num_cols, _ = query.shape
-    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    num_cols = query.shape[2]
+    kv_len = keys.shape[2]
     # At least fp32 whatever the inputs: the weights are summed over many queries.
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(dtype).unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, kv_heads, group, T, D]
-    logits = torch.einsum("bkgtd,bknd->bkgtn", q, keys.to(dtype)) * scale
-    weights = torch.softmax(logits.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+    weights = _attention_weights(query.to(dtype), keys.to(dtype), mask, scale, softcap, sinks)
     cols = torch.arange(num_cols, device=query.device)
     offset = cols[None, :] - (num_cols - batch.q_lens)[:, None]  # [B, T]; < 0 for padding columns
     valid = offset >= 0
@@ -143,9 +182,11 @@ class PendingScores:
         self.buffer = buffer
         self._record: tuple | None = None
 
-    def record(self, query, lse, k_cache, batch: SlotBatch, scale: float, sliding_window) -> None:
+    def record(
+        self, query, lse, k_cache, batch: SlotBatch, scale: float, sliding_window, softcap=None, sinks=None
+    ) -> None:
         """Keep one :func:`slot_attention` call's inputs to its scores (``lse`` None on the torch path)."""
-        self._record = (query, lse, k_cache, batch, scale, sliding_window)
+        self._record = (query, lse, k_cache, batch, scale, sliding_window, softcap, sinks)
 
     def commit(self, cache_lens_before: torch.Tensor, col_from: torch.Tensor, col_to: torch.Tensor) -> None:
         """Add the recorded call's scores of each row's valid columns at offsets ``[col_from, col_to)``.
@@ -154,12 +195,13 @@ class PendingScores:
         """
         if self._record is None:
             raise RuntimeError("PendingScores.commit before any attention call recorded its scores")
-        query, lse, k_cache, batch, scale, sliding_window = self._record
+        query, lse, k_cache, batch, scale, sliding_window, softcap, sinks = self._record
         self._record = None
         before = SlotBatch(batch.rows, cache_lens_before, batch.q_lens, batch.kv_len_bound, batch.backend)
         slot_attention_scores(
-            query, lse, k_cache, before, scale, sliding_window, self.buffer, col_from, col_to
-        )
+            query, lse, k_cache, before, scale, sliding_window, self.buffer, col_from, col_to,
+            softcap=softcap, sinks=sinks,
+        )  # fmt: skip
 
 
 def slot_attention_scores(
@@ -172,6 +214,8 @@ def slot_attention_scores(
     scores_out: torch.Tensor,
     col_from: torch.Tensor | None = None,
     col_to: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Add the attention scores of a past slot-attention call to ``scores_out``, for chosen columns.
 
@@ -195,18 +239,21 @@ def slot_attention_scores(
     col_from, col_to : torch.Tensor, optional
         int32 ``[B]``: count only row ``b``'s valid columns at offsets ``[col_from[b], col_to[b])`` from its
         first valid column (all of them without these).
+    softcap, sinks : optional
+        That call's logit soft-capping and per-head sink logits ``[q_heads]``.
     """
     if lse is not None:
         from effdecode.kernels.slot_attention import slot_attention_scores_triton
 
+        # The sinks are already in the stored log-sum-exp; only the soft-capping changes the logits.
         slot_attention_scores_triton(
-            query, lse, k_cache, batch, scale, sliding_window, scores_out, col_from, col_to
+            query, lse, k_cache, batch, scale, sliding_window, scores_out, col_from, col_to, softcap=softcap
         )
         return
     bound = min(batch.kv_len_bound, k_cache.shape[2])
     keys = k_cache[:, :, :bound].index_select(0, batch.rows)
     mask = _attention_mask(batch, query.shape[2], sliding_window, bound)
-    _accumulate_scores(query, keys, mask, batch, scale, scores_out, col_from, col_to)
+    _accumulate_scores(query, keys, mask, batch, scale, scores_out, col_from, col_to, softcap, sinks)
 
 
 def slot_attention_reference(
@@ -219,6 +266,8 @@ def slot_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     scores_out: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference: append ``key``/``value`` to the slot cache, then attend.
 
@@ -239,6 +288,10 @@ def slot_attention_reference(
     scores_out : torch.Tensor, optional
         float32 ``[slots, kv_heads, capacity]``; the softmax weights of the step's valid queries are added to
         it (see the module docstring). The output does not depend on it.
+    softcap : float, optional
+        Logit soft-capping: ``s -> softcap * tanh(s / softcap)`` on the scaled logits (Gemma 2).
+    sinks : torch.Tensor, optional
+        ``[q_heads]`` per-head sink logits joining each softmax denominator (gpt-oss).
 
     Returns
     -------
@@ -265,17 +318,21 @@ def slot_attention_reference(
     mask = _attention_mask(batch, num_cols, sliding_window, bound)
     if keys.dtype != query.dtype:
         keys, values = keys.to(query.dtype), values.to(query.dtype)
-    out = F.scaled_dot_product_attention(
-        query,
-        keys,
-        values,
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )
+    if softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=query.shape[1] != keys.shape[1],
+        )
+    else:  # SDPA has neither: spell the softmax out
+        weights = _attention_weights(query, keys, mask, scale, softcap, sinks)  # [B, kv_heads, group, T, L]
+        out = torch.einsum("bkgtn,bknd->bkgtd", weights, values).flatten(1, 2)
     if scores_out is not None:
-        # Separate from SDPA so that the output is the same with or without scores.
-        _accumulate_scores(query, keys, mask, batch, scale, scores_out)
+        # Separate from the output's computation so that the output is the same with or without scores.
+        _accumulate_scores(query, keys, mask, batch, scale, scores_out, softcap=softcap, sinks=sinks)
     return out.transpose(1, 2)
 
 
@@ -289,6 +346,8 @@ def slot_attention(
     scale: float,
     sliding_window: int | None = None,
     scores_out: torch.Tensor | PendingScores | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch slot attention to Triton on CUDA (or when forced) and to the torch reference otherwise.
 
@@ -296,6 +355,8 @@ def slot_attention(
     fp16/bf16, no ``scores_out``, ...) and otherwise exactly what ``"auto"`` runs.
     Same parameters and result as :func:`slot_attention_reference`; ``scores_out`` may also be a
     :class:`PendingScores`, which records the scores' inputs for a later :meth:`PendingScores.commit`.
+    ``softcap`` (float) and ``sinks`` (``[q_heads]`` tensor) are optional and plain, so the op fits a
+    custom-op schema (``float? softcap=None, Tensor? sinks=None``).
     """
     backend = batch.derived.get("backend")
     if backend is None:  # resolved once per step, not once per layer
@@ -306,8 +367,10 @@ def slot_attention(
     pending = scores_out if isinstance(scores_out, PendingScores) else None
     if pending is not None:
         scores_out = None
-    elif flash and flash_supported(query, key, k_cache, v_cache, sliding_window, scores_out):
-        return slot_attention_flash(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
+    elif flash and flash_supported(query, key, k_cache, v_cache, sliding_window, scores_out, sinks=sinks):
+        return slot_attention_flash(
+            query, key, value, k_cache, v_cache, batch, scale, sliding_window, softcap=softcap
+        )
     if backend == "triton":
         from effdecode.kernels.slot_attention import slot_attention_triton
 
@@ -317,12 +380,15 @@ def slot_attention(
             lse = torch.empty(shape, dtype=torch.float32, device=query.device)
         out = slot_attention_triton(
             query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out,
-            lse_out=lse,
+            lse_out=lse, softcap=softcap, sinks=sinks,
         )  # fmt: skip
     else:
         out = slot_attention_reference(
-            query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out
-        )
+            query, key, value, k_cache, v_cache, batch, scale, sliding_window, scores_out=scores_out,
+            softcap=softcap, sinks=sinks,
+        )  # fmt: skip
     if pending is not None:
-        pending.record(query, lse if backend == "triton" else None, k_cache, batch, scale, sliding_window)
+        pending.record(
+            query, lse if backend == "triton" else None, k_cache, batch, scale, sliding_window, softcap, sinks
+        )
     return out

@@ -18,9 +18,13 @@ past its new length are unspecified afterwards (they are never attended); other 
 positions are *not* renumbered: kept keys were rotated at their original positions, and the slot's next
 position (``SlotKVCache.positions``) keeps counting from where it was, so it is not touched here.
 
-Preconditions (not checked: checking them would read device memory and sync with the host):
+Preconditions (not checked where checking them would read device memory and sync with the host):
 
-- ``rows`` are distinct valid slots; ``0 <= keep_lens[r] <= min(K, cache_lens[rows[r]])``;
+- ``rows`` are distinct valid slots (the in-place kernel gives each row's entries to one program; two
+  programs compacting one slot would race). Checked, with a ``ValueError``, when ``rows`` is a CPU tensor:
+  that costs no device read. On a GPU the check would stall the stream (a device-to-host copy) on every
+  eviction, so it is the caller's: the engine draws ``rows`` from host-side arrays of distinct slots;
+- ``0 <= keep_lens[r] <= min(K, cache_lens[rows[r]])``;
 - ``keep_index[(l,) r, h, :keep_lens[r]]`` is strictly increasing and below ``cache_lens[rows[r]]``.
 
 Strict increase gives ``keep_index[r, h, j] >= j``: an entry only ever moves towards the front, which is what
@@ -46,12 +50,15 @@ def check_compaction_args(
     keep_index: torch.Tensor,
     keep_lens: torch.Tensor,
 ) -> None:
-    """Validate shapes, dtypes and devices of a compaction call (host metadata only, no device reads).
+    """Validate shapes, dtypes and devices of a compaction call (no device reads, no host sync).
+
+    ``rows`` held on the CPU are also checked to be distinct (free there); the other value preconditions of
+    the module docstring are not checked.
 
     Raises
     ------
     ValueError, TypeError
-        On a malformed argument; the value preconditions of the module docstring are not checked.
+        On a malformed argument, or duplicate ``rows`` on the CPU.
     """
     if key_buffer.dim() != 5:
         raise ValueError(
@@ -93,6 +100,10 @@ def check_compaction_args(
     ):
         if t.device != key_buffer.device:
             raise ValueError(f"{name} is on {t.device}, key_buffer on {key_buffer.device}")
+    if rows.device.type == "cpu" and num_rows > 1:
+        unique, counts = torch.unique(rows, return_counts=True)
+        if unique.numel() != num_rows:
+            raise ValueError(f"rows must be distinct slots; repeated: {unique[counts > 1].tolist()}")
 
 
 def compact_kv_reference(

@@ -11,6 +11,8 @@ How our layout (see :mod:`effdecode.ops.attention`) maps onto flash-attn 2's KV-
   right-aligned rule (a valid column's cache index is ``cache_lens[row] + t - (T - q_lens[b])``).
 - ``window_size=(sliding_window - 1, 0)``: from query index ``i`` a key ``j`` is seen iff
   ``i - (sliding_window - 1) <= j <= i``, i.e. ``j > i - sliding_window`` (HF's rule, as in the reference).
+- ``softcap``: flash-attn (>= 2.6) applies ``softcap * tanh(s / softcap)`` to the scaled logits, as HF's
+  Gemma 2 does; passed only when set, so older flash-attn builds keep working for everything else.
 
 Two cases, both one kernel launch for the attention:
 
@@ -28,8 +30,9 @@ KV-cache kernel covers prefill, ragged or not, exactly, at the price of computin
 the Triton kernel does too).
 
 Not handled here (the dispatcher falls back to Triton / the torch reference): ``scores_out`` (flash-attn does
-not expose attention weights), CPU tensors, dtypes other than fp16/bf16, a cache dtype different from the
-query's, head dims that are not a multiple of 8 or exceed 256, more query columns than the cache capacity.
+not expose attention weights), attention sinks (gpt-oss; flash-attn 2 has no sink term), CPU tensors,
+dtypes other than fp16/bf16, a cache dtype different from the query's, head dims that are not a multiple of
+8 or exceed 256, more query columns than the cache capacity.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def flash_supported(
     v_cache: torch.Tensor,
     sliding_window: int | None,
     scores_out: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
 ) -> bool:
     """Whether :func:`slot_attention_flash` can run this call (host-side facts only, no sync).
 
@@ -106,8 +110,10 @@ def flash_supported(
         The layer's window, if any.
     scores_out : torch.Tensor, optional
         Requested attention mass; flash-attn cannot produce it.
+    sinks : torch.Tensor, optional
+        Per-head sink logits; flash-attn 2 has no such term.
     """
-    if scores_out is not None:
+    if scores_out is not None or sinks is not None:
         return False
     if not ALLOW_CPU and (query.device.type != "cuda" or query.dtype not in _HALF_DTYPES):
         return False
@@ -176,6 +182,7 @@ def slot_attention_flash(
     batch: SlotBatch,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Append ``key``/``value`` to the slot cache and attend, through ``flash_attn_with_kvcache``.
 
@@ -196,6 +203,8 @@ def slot_attention_flash(
         Softmax scale applied to ``q @ k^T``.
     sliding_window : int, optional
         Keys further back than this from a query are masked.
+    softcap : float, optional
+        Logit soft-capping (needs flash-attn >= 2.6).
 
     Returns
     -------
@@ -213,6 +222,8 @@ def slot_attention_flash(
         causal=True,
         window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),
     )
+    if softcap is not None:
+        common["softcap"] = float(softcap)
     q = query.transpose(1, 2)  # [B, T, q_heads, head_dim], a view
     k_view, v_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # [slots, capacity, kv_heads, D]
     if batch.q_full:
