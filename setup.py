@@ -22,13 +22,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CompileError
 
+# Packages are found, not listed: every folder under ``effdecode/`` with an ``__init__.py``.
 # ``kernels/`` holds the Triton kernels; it is installed as ``effdecode.kernels`` and never as a top-level
 # package, because Hugging Face ships its own ``kernels`` package that transformers imports.
-PACKAGES = ["effdecode", "effdecode.ops", "effdecode.generation", "effdecode.kernels", "effdecode.workloads"]
+_ROOT = str(Path(__file__).resolve().parent)
+PACKAGES = [
+    *find_packages(where=_ROOT, include=["effdecode", "effdecode.*"]),
+    *("effdecode." + name for name in find_packages(where=_ROOT, include=["kernels", "kernels.*"])),
+]
 PACKAGE_DIR = {"effdecode.kernels": "kernels"}
 # The shipped reasoner models of the arithmetic workload (weights, configs, tokenizer), loaded offline.
 PACKAGE_DATA = {"effdecode.workloads": ["models/*/*.json", "models/*/*.safetensors"]}

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from effdecode.config import DecodeConfig
+from effdecode.config import DecodeConfig, as_decode_config
 from effdecode.distributed import check_ranks_agree
 from effdecode.generation.loop import run_generation
 from effdecode.generation.request import Unsupported, build_request
@@ -26,15 +26,17 @@ def generate(
     ----------
     model : transformers.PreTrainedModel
         A causal LM (Llama, Mistral, Qwen2, Qwen3 families).
-    input_ids : torch.Tensor
-        int64 ``[B, T0]`` prompts, left-padded when ragged.
+    input_ids : torch.Tensor, optional
+        int64 ``[B, T0]`` prompts, left-padded when ragged. May be omitted with ``inputs_embeds``
+        ``[B, T0, H]`` (a ``generate_kwargs`` entry), which the prefill feeds instead of the ids' embeddings;
+        then, as in transformers, only the new tokens are returned.
     attention_mask : torch.Tensor, optional
         ``[B, T0]`` of 0/1; inferred from ``pad_token_id`` as transformers does when omitted.
     **generate_kwargs
         Any ``generate`` argument (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``min_p``, ``repetition_penalty``, ``eos_token_id``, ``stop_strings`` with ``tokenizer``,
         ``logits_processor``, ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ...), plus
-        ``decode_config`` (:class:`effdecode.DecodeConfig`).
+        ``decode_config`` (:class:`effdecode.DecodeConfig`, or a dict of its fields).
 
     Returns
     -------
@@ -52,7 +54,7 @@ def generate(
         input_ids = generate_kwargs.pop("inputs", None)
     if input_ids is None:
         input_ids = generate_kwargs.pop("input_ids", None)
-    decode_config = generate_kwargs.pop("decode_config", None)
+    decode_config = as_decode_config(generate_kwargs.pop("decode_config", None))
     if decode_config is None:
         decode_config = patched_config(model) or DecodeConfig()
     try:
@@ -69,4 +71,10 @@ def generate(
         return original_generate(model)(input_ids, **generate_kwargs)
     # Tensor parallel: every rank must start from the same prompts and RNG state (one small all-gather).
     check_ranks_agree(model, request.input_ids, request.do_sample, max_new_tokens=request.max_new_tokens)
-    return run_generation(model, request)
+    output = run_generation(model, request)
+    if request.embeds_only:  # transformers returns only the new tokens when given only inputs_embeds
+        prompt_width = request.input_ids.shape[1]
+        if isinstance(output, torch.Tensor):
+            return output[:, prompt_width:]
+        output.sequences = output.sequences[:, prompt_width:]
+    return output

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from effdecode.cli_types import device, non_negative_int, positive_int
+
 
 def _random_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
     from effdecode.demo import build_demo_model, demo_prompts, run_side_by_side
@@ -103,40 +105,89 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effdecode", description="Fast batched decoding for HF causal LMs.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run HF generate and effdecode side by side on a small model")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default; no ``(default: None)`` noise for options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter (extensions add theirs the same way)."""
+    return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--model",
         choices=["reasoner", "random"],
         default="reasoner",
-        help="the shipped arithmetic reasoner (default) or a random Llama (--layers, --hidden, --vocab)",
+        help="the shipped arithmetic reasoner or a random Llama (--layers, --hidden, --vocab)",
     )
-    demo.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    demo.add_argument("--new-tokens", type=int, default=None, help="default: 400 (reasoner), 128 (random)")
-    demo.add_argument("--seed", type=int, default=0, help="which held-out problems the reasoner gets")
-    demo.add_argument("--prompt-len", type=int, default=32, help="random model only")
-    demo.add_argument("--layers", type=int, default=4, help="random model only")
-    demo.add_argument("--hidden", type=int, default=128, help="random model only")
-    demo.add_argument("--vocab", type=int, default=1024, help="random model only")
-    demo.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.set_defaults(handler=_demo)
-    from effdecode.eval import add_arguments as add_eval_arguments
+    demo.add_argument(
+        "--batch-sizes", type=positive_int, nargs="+", default=[1, 8], help="batch sizes compared"
+    )
+    demo.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="new tokens per row (default: 400 for the reasoner, 128 for the random model)",
+    )
+    demo.add_argument(
+        "--seed", type=non_negative_int, default=0, help="which held-out problems the reasoner gets"
+    )
+    demo.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens (random model only)")
+    demo.add_argument("--layers", type=positive_int, default=4, help="decoder layers (random model only)")
+    demo.add_argument("--hidden", type=positive_int, default=128, help="hidden size (random model only)")
+    demo.add_argument("--vocab", type=positive_int, default=1024, help="vocabulary size (random model only)")
+    demo.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "float16", "bfloat16"],
+        default="float32",
+        help="model dtype",
+    )
+    demo.add_argument(
+        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available, else cpu)"
+    )
 
-    evaluate = commands.add_parser(
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effdecode",
+        description="Fast batched decoding for HF causal LMs.",
+        formatter_class=_HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = add_command(commands, "demo", help="run HF generate and effdecode side by side on a small model")
+    _add_demo_arguments(demo)
+    demo.set_defaults(handler=_demo, check=None, command_parser=demo)
+    from effdecode.eval import add_arguments as add_eval_arguments
+    from effdecode.eval import options_from_args
+
+    evaluate = add_command(
+        commands,
         "eval",
         help="accuracy and cost of decoding options on held-out arithmetic reasoning problems",
         description="Run held-out arithmetic problems through effdecode.generate with any decoding options.",
     )
     add_eval_arguments(evaluate)
-    evaluate.set_defaults(handler=_eval)
+    # Options that are fine one by one but not together (kv_budget < kv_sinks + kv_window, ...) are checked
+    # by DecodeConfig itself, before any model loads.
+    evaluate.set_defaults(
+        handler=_eval, check=lambda args: options_from_args(args).decode_config(), command_parser=evaluate
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check is not None:
+        try:
+            args.check(args)
+        except ValueError as error:
+            args.command_parser.error(str(error))  # usage + one line, exit 2
     return args.handler(args)
 
 

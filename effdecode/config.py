@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class DecodeConfig:
 
     Given to :func:`effdecode.patch` (``config=``) or per call as
     ``model.generate(..., decode_config=DecodeConfig(...))``; a per-call config replaces the patched one.
+    Wherever a DecodeConfig is taken, a dict of its fields is too (``decode_config={"kv_budget": 256}``).
 
     Parameters
     ----------
@@ -35,6 +37,8 @@ class DecodeConfig:
         else Triton) or ``"flash_attn"`` (flash-attn's ``flash_attn_with_kvcache`` where it is installed and
         the call allows it: CUDA fp16/bf16, no attention scores for eviction; else as ``"auto"``; other ops
         run as ``"auto"``). The environment variable ``EFFDECODE_BACKEND`` overrides it for every op.
+        A backend that cannot run here (``"cuda"`` on a CPU, ``"triton"`` without a GPU, ``"flash_attn"``
+        not installed) gives one ``RuntimeWarning`` naming it and what runs instead.
     draft_length : str, optional
         ``"adaptive"``: in speculative decoding each row's draft length follows its own acceptance history
         (overrides ``num_assistant_tokens_schedule``). None follows the generate arguments.
@@ -173,3 +177,28 @@ class DecodeConfig:
     def compresses(self) -> bool:
         """Whether KV eviction is on."""
         return self.kv_budget is not None
+
+
+def as_decode_config(value: Any, name: str = "decode_config") -> DecodeConfig | None:
+    """``value`` as a :class:`DecodeConfig`: itself, one built from a dict of its fields, or None for None.
+
+    Raises
+    ------
+    ValueError
+        For a dict key that is not a DecodeConfig field (or a bad field value).
+    TypeError
+        For anything else than a DecodeConfig, a mapping or None.
+    """
+    if value is None or isinstance(value, DecodeConfig):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in fields(DecodeConfig)}
+        unknown = sorted(str(key) for key in value if key not in known)
+        if unknown:
+            raise ValueError(
+                f"{name} has unknown field(s) {unknown}; DecodeConfig's fields are {sorted(known)}"
+            )
+        return DecodeConfig(**value)
+    raise TypeError(
+        f"{name} must be an effdecode.DecodeConfig or a dict of its fields, got {type(value).__name__}"
+    )

@@ -70,6 +70,7 @@ class EvalOptions:
     compress_every: int = 64
     kv_think_only: bool = False
     thinking_budget: int | None = None
+    think_end_prefix: str = THINK_END_PREFIX
     early_exit: bool = False
     early_exit_threshold: float = 0.95
     early_exit_triggers: tuple[str, ...] = EARLY_EXIT_TRIGGERS
@@ -106,7 +107,7 @@ class EvalOptions:
             compress_every=self.compress_every,
             kv_think_only=self.kv_think_only,
             thinking_budget=self.thinking_budget,
-            think_end_prefix=THINK_END_PREFIX if self.thinking_budget is not None else None,
+            think_end_prefix=self.think_end_prefix if self.thinking_budget is not None else None,
             early_exit="deer" if self.early_exit else None,
             early_exit_triggers=list(self.early_exit_triggers),
             early_exit_probe=EARLY_EXIT_PROBE_REPLACING if self.early_exit_replace else EARLY_EXIT_PROBE,
@@ -569,79 +570,160 @@ def plot_sweep(rows: Sequence[dict], path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _int_or_none(value: str) -> int | None:
-    return None if value.lower() in ("none", "full") else int(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``effdecode eval`` flags."""
-    problems = parser.add_argument_group("problems")
-    problems.add_argument("-n", "--n", type=int, default=64, help="held-out problems to run (default 64)")
-    problems.add_argument(
-        "--levels", type=int, nargs="+", default=list(LEVELS), help="difficulty levels 1..4"
+    """The ``effdecode eval`` flags: each with help (the parser shows defaults) and a validating type."""
+    from effdecode.cli_types import (
+        device,
+        escaped_text,
+        int_in,
+        model_name,
+        non_negative_int,
+        optional,
+        positive_float,
+        positive_int,
+        probability,
+        unit_interval,
     )
-    problems.add_argument("--seed", type=int, default=0, help="problem draw (and sampling) seed")
+    from effdecode.workloads.models import REASONER_NAMES
+
+    level = int_in(min(LEVELS), max(LEVELS))
+    problems = parser.add_argument_group("problems")
+    problems.add_argument("-n", "--n", type=positive_int, default=64, help="held-out problems to run")
+    problems.add_argument(
+        "--levels", type=level, nargs="+", default=list(LEVELS), help="difficulty levels to draw from"
+    )
+    problems.add_argument("--seed", type=non_negative_int, default=0, help="problem draw (and sampling) seed")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="target", help="'target' (shipped) or a checkpoint directory")
-    model.add_argument("--device", default="cpu")
-    model.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
+    model.add_argument(
+        "--model",
+        type=model_name(REASONER_NAMES),
+        default="target",
+        help="a shipped reasoner or a checkpoint directory",
+    )
+    model.add_argument("--device", type=device, default="cpu", help="torch device of the model")
+    model.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "float16", "bfloat16"],
+        default="float32",
+        help="model dtype",
+    )
+    model.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 runs best on a busy small machine)",
+    )
     model.add_argument(
         "--tp",
-        type=int,
+        type=positive_int,
         default=1,
         help="tensor-parallel ranks per model replica under torchrun (tp_plan='auto'); the problems are "
         "sharded over the WORLD_SIZE / tp replicas, rank 0 prints",
     )
-    model.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 runs best on a busy small machine)"
-    )
     gen = parser.add_argument_group("generate")
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--max-new-tokens", type=int, default=400)
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--batch-size", type=positive_int, default=16, help="problems per generate call")
+    gen.add_argument(
+        "--max-new-tokens", type=positive_int, default=400, help="new tokens per problem at most"
+    )
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    gen.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=non_negative_int, default=0, help="top-k sampling (0: off)")
     gen.add_argument(
         "--draft",
         nargs="?",
+        type=model_name(REASONER_NAMES),
         const="draft",
         default=None,
-        help="speculative decoding with a draft model "
-        "(default: the shipped 'draft'; or a checkpoint directory)",
+        help="speculative decoding with a draft model (the shipped 'draft' without a value, or a checkpoint "
+        "directory; default: off)",
     )
-    gen.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per step with --draft")
     gen.add_argument(
-        "--prompt-lookup", nargs="?", type=int, const=4, default=None, help="n-gram drafts of this length (4)"
+        "--num-draft-tokens", type=positive_int, default=4, help="draft tokens per step with --draft"
+    )
+    gen.add_argument(
+        "--prompt-lookup",
+        nargs="?",
+        type=positive_int,
+        const=4,
+        default=None,
+        help="n-gram drafts of this length (4 without a value; default: off)",
     )
     dc = parser.add_argument_group("DecodeConfig")
-    dc.add_argument("--kv-budget", type=_int_or_none, default=None, help="KV entries per row (none: full)")
-    dc.add_argument("--kv-policy", choices=KV_POLICIES, default="streaming")
-    dc.add_argument("--kv-window", type=int, default=32)
-    dc.add_argument("--kv-sinks", type=int, default=4)
-    dc.add_argument("--compress-every", type=int, default=64)
-    dc.add_argument("--kv-think-only", action="store_true")
-    dc.add_argument("--thinking-budget", type=_int_or_none, default=None)
+    dc.add_argument(
+        "--kv-budget",
+        type=optional(positive_int),
+        default=None,
+        help="KV entries kept per row and layer (default: none, the full cache)",
+    )
+    dc.add_argument("--kv-policy", choices=KV_POLICIES, default="streaming", help="which KV entries to keep")
+    dc.add_argument("--kv-window", type=non_negative_int, default=32, help="recent entries always kept")
+    dc.add_argument("--kv-sinks", type=non_negative_int, default=4, help="first entries always kept")
+    dc.add_argument(
+        "--compress-every", type=positive_int, default=64, help="entries a row gains between compactions"
+    )
+    dc.add_argument("--kv-think-only", action="store_true", help="evict inside the thinking span first")
+    dc.add_argument(
+        "--thinking-budget",
+        type=optional(non_negative_int),
+        default=None,
+        help="thinking tokens per row, then the end of thinking is forced (default: none, unlimited)",
+    )
+    dc.add_argument(
+        "--think-end-prefix",
+        type=escaped_text,
+        default=THINK_END_PREFIX,
+        help="text forced before </think> when the thinking budget runs out; backslash escapes are decoded "
+        "(default: %(default)r)",
+    )
     dc.add_argument("--early-exit", action="store_true", help="DEER early exit of thinking")
-    dc.add_argument("--early-exit-threshold", type=float, default=0.95)
+    dc.add_argument(
+        "--early-exit-threshold", type=unit_interval, default=0.95, help="probe confidence that ends thinking"
+    )
     dc.add_argument(
         "--early-exit-replace",
         action="store_true",
         help="the probe replaces the trigger (DEER) instead of following it",
     )
-    dc.add_argument("--early-exit-triggers", nargs="+", default=list(EARLY_EXIT_TRIGGERS))
+    dc.add_argument(
+        "--early-exit-triggers",
+        type=escaped_text,
+        nargs="+",
+        default=list(EARLY_EXIT_TRIGGERS),
+        help="texts after which a row probes",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
-    out.add_argument("--show", type=int, default=0, help="print the first N completions")
+    out.add_argument("--show", type=non_negative_int, default=0, help="print the first N completions")
     out.add_argument("--sweep", action="store_true", help="run the grid and write a table and a plot")
     out.add_argument("--out", default="eval-sweep", help="directory of the sweep's table and plot")
-    out.add_argument("--sweep-kv-budgets", type=int, nargs="+", default=list(SweepGrid.kv_budgets))
-    out.add_argument("--sweep-kv-policies", nargs="+", choices=KV_POLICIES, default=list(KV_POLICIES))
     out.add_argument(
-        "--sweep-thinking-budgets", type=int, nargs="+", default=list(SweepGrid.thinking_budgets)
+        "--sweep-kv-budgets",
+        type=positive_int,
+        nargs="+",
+        default=list(SweepGrid.kv_budgets),
+        help="KV budgets of the sweep",
     )
     out.add_argument(
-        "--sweep-thresholds", type=float, nargs="+", default=list(SweepGrid.early_exit_thresholds)
+        "--sweep-kv-policies",
+        nargs="+",
+        choices=KV_POLICIES,
+        default=list(KV_POLICIES),
+        help="KV policies of the sweep",
+    )
+    out.add_argument(
+        "--sweep-thinking-budgets",
+        type=non_negative_int,
+        nargs="+",
+        default=list(SweepGrid.thinking_budgets),
+        help="thinking budgets of the sweep",
+    )
+    out.add_argument(
+        "--sweep-thresholds",
+        type=unit_interval,
+        nargs="+",
+        default=list(SweepGrid.early_exit_thresholds),
+        help="early-exit thresholds of the sweep",
     )
 
 
@@ -664,6 +746,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         compress_every=args.compress_every,
         kv_think_only=args.kv_think_only,
         thinking_budget=args.thinking_budget,
+        think_end_prefix=args.think_end_prefix,
         early_exit=args.early_exit,
         early_exit_threshold=args.early_exit_threshold,
         early_exit_replace=args.early_exit_replace,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from effdecode.api import generate
-from effdecode.config import DecodeConfig
+from effdecode.config import DecodeConfig, as_decode_config
 from effdecode.generation.graphs import release_graphs
 from effdecode.patch_state import (
     _MISSING,
@@ -24,13 +24,13 @@ from effdecode.patch_state import (
 )
 
 
-def patch(model: torch.nn.Module, config: DecodeConfig | None = None) -> torch.nn.Module:
+def patch(model: torch.nn.Module, config: DecodeConfig | dict | None = None) -> torch.nn.Module:
     """Make ``model.generate`` run effdecode; returns ``model``.
 
-    Patching again only replaces the config. :func:`unpatch` restores the original exactly.
+    ``config`` is a :class:`DecodeConfig` or a dict of its fields. Patching again only replaces the config.
+    :func:`unpatch` restores the original exactly.
     """
-    if config is not None and not isinstance(config, DecodeConfig):
-        raise ValueError(f"config must be an effdecode.DecodeConfig, got {type(config).__name__}")
+    config = as_decode_config(config, "config")
     state = _state(model)
     if state is not None:
         state.config = config or DecodeConfig()
@@ -61,8 +61,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, config: DecodeConfig | None = None) -> Iterator[torch.nn.Module]:
-    """``with effdecode.patched(model):`` — ``model.generate`` runs effdecode inside the block."""
+def patched(model: torch.nn.Module, config: DecodeConfig | dict | None = None) -> Iterator[torch.nn.Module]:
+    """``with effdecode.patched(model):`` — ``model.generate`` runs effdecode inside the block.
+
+    ``config``: a :class:`DecodeConfig` or a dict of its fields.
+    """
+    config = as_decode_config(config, "config")  # before patching: a bad config leaves the model as it was
     already = _state(model) is not None
     previous_config = patched_config(model)
     patch(model, config)

@@ -91,13 +91,6 @@ def test_unsupported_model_family_falls_back():
         (dict(input_ids=torch.tensor([[1, 2, 9999]])), "outside the model's vocabulary"),
         (dict(input_ids=torch.tensor([[1, -3]])), "outside the model's vocabulary"),
         (dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=-1), "max_new_tokens must be >= 0"),
-        (
-            dict(
-                input_ids=torch.tensor([[1, 2, 0], [4, 5, 6]]),
-                attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
-            ),
-            "right-padded",
-        ),
         (dict(input_ids=torch.tensor([[1, 2, 3]]), stop_strings=["w3"]), "tokenizer"),
         (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer tensor"),
     ],
@@ -119,8 +112,8 @@ def test_kv_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
 def test_decode_config_rejects_unknown_backend():
     with pytest.raises(ValueError, match="attn_backend"):
         effdecode.DecodeConfig(attn_backend="magic")
-    with pytest.raises(ValueError, match="DecodeConfig"):
-        effdecode.patch(tiny_model("llama"), config={"attn_backend": "torch"})
+    with pytest.raises(ValueError, match="attn_backend"):
+        effdecode.patch(tiny_model("llama"), config={"attn_backend": "magic"})
 
 
 class _Recorder(BaseStreamer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.user_hooks import apply_processors
 from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
 
@@ -61,11 +62,17 @@ class LogitsPipeline:
         return self._eos_columns
 
     def process(
-        self, logits: torch.Tensor, history: torch.Tensor | None, new_tokens: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor | None,
+        new_tokens: torch.Tensor,
+        user_view: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Processed float32 scores ``[B, V]`` for rows whose histories are ``history`` ``[B, L]``.
 
-        ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far.
+        ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far. ``user_view``: ``(ids, rows)``,
+        transformers' full-batch ``input_ids`` ``[N, L]`` and the slots ``[B]`` of these rows; user processors
+        then see the whole batch (:mod:`effdecode.generation.user_hooks`), else the rows' ``history``.
         """
         request = self.request
         scores = logits.to(dtype=torch.float32, copy=True)
@@ -75,8 +82,11 @@ class LogitsPipeline:
             blocked = (new_tokens < request.eos_blocked_until)[:, None]
             eos_columns = self._eos_column_mask(scores.shape[-1], scores.device)
             scores = scores.masked_fill(blocked & eos_columns[None, :], float("-inf"))
-        for processor in request.logits_processors:
-            scores = processor(history, scores)
+        if user_view is not None:
+            scores = apply_processors(request.logits_processors, user_view[0], scores, user_view[1])
+        else:
+            for processor in request.logits_processors:
+                scores = processor(history, scores)
         if request.do_sample and not self.kernel_sampler:
             scores = warp_logits(scores, request.sampling)
         return scores

@@ -29,7 +29,6 @@ _UNSUPPORTED_ARGUMENTS = (
     "negative_prompt_ids",
     "negative_prompt_attention_mask",
     "custom_generate",
-    "inputs_embeds",
     "past_key_values",
 )
 
@@ -144,6 +143,8 @@ class GenerationRequest:
     decode_config: DecodeConfig = field(default_factory=DecodeConfig)
     speculation: SpeculationPlan | None = None
     thinking: ThinkingPlan | None = None
+    inputs_embeds: torch.Tensor | None = None  # [B, T0, H]: fed to the prefill instead of the ids' embeddings
+    embeds_only: bool = False  # no input_ids given: input_ids are placeholders; return only the new tokens
 
     @property
     def batch_size(self) -> int:
@@ -201,9 +202,11 @@ def _validate_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, voc
     expected = torch.arange(num_cols, device=mask.device)[None, :] >= (num_cols - prompt_lens)[:, None]
     bad_rows = (mask != expected).any(dim=1).nonzero().flatten().tolist()
     if bad_rows:
-        raise ValueError(
-            f"rows {bad_rows} are right-padded (or have gaps) in attention_mask; decoder-only generation "
-            "continues after the last column, so pad on the left: tokenizer.padding_side = 'left'"
+        # transformers generates from such a batch (with a warning of its own); so do we, through it.
+        raise Unsupported(
+            "attention_mask",
+            f"rows {bad_rows} are right-padded or have gaps; the slot cache needs each row's real tokens to "
+            "end at the last column, i.e. left padding: tokenizer.padding_side = 'left'",
         )
     real = input_ids[mask]
     out_of_range = (real < 0) | (real >= vocab_size)
@@ -232,12 +235,27 @@ def build_request(
     kwargs = dict(generate_kwargs)
     assistant_model = kwargs.pop("assistant_model", None)
     assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
+    inputs_embeds = kwargs.pop("inputs_embeds", None)
     for name in _UNSUPPORTED_ARGUMENTS:
         value = kwargs.pop(name, None)
         if value is not None and value is not False:
             raise Unsupported(name)
     check_model_supported(model)
 
+    embeds_only = False
+    if inputs_embeds is not None:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
+            raise ValueError("inputs_embeds must be a float tensor of shape [batch, prompt_len, hidden_size]")
+        if input_ids is None:  # as transformers: the prompt is the embeddings; only new tokens are returned
+            embeds_only = True
+            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        elif tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has shape "
+                f"{tuple(inputs_embeds.shape)}; their first two dimensions must match"
+            )
     if input_ids is None:
         raise ValueError("input_ids is required (effdecode generates from token ids)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
@@ -273,6 +291,11 @@ def build_request(
     for name, value in model_kwargs.items():
         if name not in _IGNORED_MODEL_KWARGS and value is not None:
             raise Unsupported(name)
+    _warn_ignored_cache_options(config)
+    if embeds_only:
+        _check_embeds_only(
+            config, logits_processors, stopping_criteria, streamer, assistant_model, has_default_min_length
+        )
 
     device = model.device
     input_ids = input_ids.to(device)
@@ -333,10 +356,16 @@ def build_request(
             )
             speculation = None
 
+    if embeds_only and thinking is not None:
+        raise Unsupported("inputs_embeds", "without input_ids, with thinking control (it reads the prompt)")
     num_return = config.num_return_sequences or 1
+    if inputs_embeds is not None:
+        inputs_embeds = inputs_embeds.to(device=device, dtype=model.dtype)
     if num_return > 1:
         input_ids = input_ids.repeat_interleave(num_return, dim=0)
         prompt_lens = prompt_lens.repeat_interleave(num_return, dim=0)
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.repeat_interleave(num_return, dim=0)
 
     do_sample = bool(config.do_sample)
     sampling = SamplingParams(
@@ -365,7 +394,45 @@ def build_request(
         decode_config=decode_config,
         speculation=speculation,
         thinking=thinking,
+        inputs_embeds=inputs_embeds,
+        embeds_only=embeds_only,
     )
+
+
+def _check_embeds_only(
+    config, logits_processors, stopping_criteria, streamer, assistant_model, has_default_min_length
+) -> None:
+    """Without input_ids transformers' history is empty; options that read it stay with transformers."""
+    reasons = {
+        "max_new_tokens is not set (max_length counts differently without input_ids)": config.max_new_tokens
+        is None,
+        "min_length": not has_default_min_length and config.min_new_tokens is None,
+        "repetition_penalty": config.repetition_penalty not in (None, 1.0),
+        "logits processors": bool(logits_processors),
+        "stopping criteria or stop strings": bool(stopping_criteria) or config.stop_strings is not None,
+        "a streamer": streamer is not None,
+        "speculative decoding": assistant_model is not None or config.prompt_lookup_num_tokens is not None,
+    }
+    for reason, present in reasons.items():
+        if present:
+            raise Unsupported("inputs_embeds", f"without input_ids, with {reason}")
+
+
+def _warn_ignored_cache_options(config) -> None:
+    """One warning for transformers' cache/compile options, which effdecode's own cache replaces."""
+    ignored = []
+    if getattr(config, "cache_implementation", None) is not None:
+        ignored.append(f"cache_implementation={config.cache_implementation!r}")
+    # ISSUE-12 HOOK: once DecodeConfig(compile=True) exists, map a compile_config to the compiled decode step
+    # here (e.g. decode_config = dataclasses.replace(decode_config, compile=True)) instead of ignoring it.
+    if getattr(config, "compile_config", None) is not None:
+        ignored.append("compile_config")
+    if ignored:
+        warnings.warn(
+            f"effdecode: {' and '.join(ignored)} ignored: effdecode decodes with its own slot KV cache "
+            "(DecodeConfig(cuda_graphs=True) replays CUDA graphs)",
+            stacklevel=4,
+        )
 
 
 def _check_kv_budget(decode_config: DecodeConfig, prompt_lens: torch.Tensor) -> None:

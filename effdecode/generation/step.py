@@ -16,13 +16,14 @@ from effdecode.generation.compressing import Compression
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
-from effdecode.generation.output import EffdecodeGenerateOutput
+from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache
 from effdecode.generation.outputs import StepOutputs
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState, Emission, StepPlan
 from effdecode.generation.stopping import StopLogic
 from effdecode.generation.target import TargetModel
 from effdecode.generation.thinking import ThinkingController
+from effdecode.generation.user_hooks import live_view
 from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.verify import philox_offset_increment, verify_greedy, verify_sampling
 from effdecode.stats import GenerationStats
@@ -111,7 +112,7 @@ class DecodeCall:
         scores = None
         if self.compression is not None:
             scores = self.compression.prefill_scores(state.rows_host, request.prompt_lens.cpu().numpy())
-        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores)
+        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores, request.inputs_embeds)
         state.forwards = 1
         if self.drafting is not None:
             self.drafting.prefill(request.input_ids, request.prompt_lens)
@@ -357,7 +358,11 @@ class DecodeCall:
         state = self.state
         if history is None and self.pipeline.needs_history:
             history = state.history_for_processors()
-        scores = self.pipeline.process(logits, history, state.new_tokens[state.rows_long])
+        user_view = None
+        if self.request.logits_processors:  # transformers' view: the whole batch, row i always row i
+            width = state.prompt_width + min(state.width_bound, state.max_new)
+            user_view = (live_view(state, width), state.rows_long)
+        scores = self.pipeline.process(logits, history, state.new_tokens[state.rows_long], user_view)
         tokens = self.pipeline.choose(scores, state.rows_long)
         counts = torch.ones(tokens.shape[0], dtype=torch.int32, device=tokens.device)
         return Emission(tokens[:, None], counts, scores=scores, logits=logits)
@@ -413,9 +418,23 @@ class DecodeCall:
         if not self.request.return_dict_in_generate:
             return sequences
         outputs = self.outputs
-        return EffdecodeGenerateOutput(
+        output = EffdecodeGenerateOutput(
             sequences=sequences,
             scores=tuple(outputs.scores) if self.request.output_scores else None,
             logits=tuple(outputs.logits) if self.request.output_logits else None,
             stats=stats,
+        )
+        target = self.target  # transformers' cache, built from the slot cache when first read
+        batch_size = sequences.shape[0]
+        return output.attach_cache(
+            LazyHFCache(
+                target.cache,
+                torch.arange(batch_size, device=sequences.device),
+                self.request.prompt_lens,
+                state.new_tokens,
+                state.prompt_width,
+                sequences.shape[1] - 1,
+                target.model.config,
+                persistent=target.graphs is not None,
+            )
         )

@@ -17,15 +17,17 @@ def forward_logits(
     position_ids: torch.Tensor,
     last_only: bool = True,
     scores: list[torch.Tensor] | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``model`` on ``input_ids`` ``[B, T]`` over the slot cache.
+    """Run ``model`` on ``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, H]``) over the slot cache.
 
     Returns the last column's logits ``[B, V]`` when ``last_only``, else every column's ``[B, T, V]``.
     ``scores`` (one float32 ``[slots, kv_heads, capacity]`` buffer per layer) receives the attention mass of
     this forward's queries.
     """
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     outputs = model(
-        input_ids=input_ids,
+        **inputs,
         position_ids=position_ids,
         use_cache=False,
         logits_to_keep=1 if last_only else 0,
@@ -41,6 +43,7 @@ def prefill(
     prompt_lens: torch.Tensor,
     backend: str,
     scores: list[torch.Tensor] | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write every prompt into its slot (slot ``b`` = row ``b``) in one forward; advance lengths/positions.
 
@@ -73,7 +76,10 @@ def prefill(
         q_full=max_prompt == int(prompt_lens.min()),
     )
     prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
-    logits = forward_logits(model, cache, batch, prefill_ids, position_ids, scores=scores)
+    # ``inputs_embeds`` ``[B, T0, H]`` (generate's argument) replaces the ids' embeddings in the prefill only.
+    logits = forward_logits(
+        model, cache, batch, prefill_ids, position_ids, scores=scores, inputs_embeds=inputs_embeds
+    )
     cache.cache_lens[:batch_size] += prompt_lens
     cache.positions[:batch_size] += prompt_lens.long()
     return logits

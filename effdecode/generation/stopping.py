@@ -13,7 +13,7 @@ import torch
 
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState
-from effdecode.generation.steps import criteria_hit
+from effdecode.generation.user_hooks import criteria_hit, live_view
 
 
 class StopLogic:
@@ -76,7 +76,10 @@ class StopLogic:
             extended[local, column] = torch.where(present, emitted[:, j], extended[local, column])
             index = (ends + 1 + j)[:, None] - (width - 1) + torch.arange(width, device=local.device)[None, :]
             windows = extended[local[:, None], index.clamp(min=0)].masked_fill(index < 0, state.pad)
-            hit = criteria_hit(self.criteria, windows, None) & present
+            # transformers' view: the whole batch (rows that left: their tokens, then pads), row i is row i.
+            full = state.sequences[:, :width].clone()
+            full[state.rows_long] = windows
+            hit = criteria_hit(self.criteria, full, None, state.rows_long) & present
             counts = torch.where(hit, j + 1, counts)
             finished |= hit
             pending &= ~hit
@@ -87,12 +90,13 @@ class StopLogic:
     ) -> torch.Tensor:
         """bool ``[R]``: rows that leave the batch after this step's append.
 
-        One-token steps check the criteria here, on each row's window with the step's scores (as
-        transformers does); every row leaves at ``max_new_tokens``.
+        One-token steps check the criteria here, on the whole batch with the step's scores (as transformers
+        does: :mod:`effdecode.generation.user_hooks`); every row leaves at ``max_new_tokens``.
         """
         if self.criteria and one_token:
             width = state.prompt_width + min(state.width_bound, self.max_new)
-            finished = finished | criteria_hit(self.criteria, state.windows(width), scores)
+            ids = live_view(state, width)  # transformers' view: the whole batch, row i always row i
+            finished = finished | criteria_hit(self.criteria, ids, scores, state.rows_long)
         full = state.new_tokens[state.rows_long] >= self.max_new
         if self.rows_leave:
             return finished | full

@@ -37,10 +37,15 @@ class TargetModel:
         self.backend = backend
 
     def prefill(
-        self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, scores: list | None = None
+        self,
+        input_ids: torch.Tensor,
+        prompt_lens: torch.Tensor,
+        scores: list | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fill slots ``0 .. B-1`` with the left-padded prompts ``[B, T0]``; returns the logits ``[B, V]``."""
-        return prefill(self.model, self.cache, input_ids, prompt_lens, self.backend, scores)
+        """Fill slots ``0 .. B-1`` with the left-padded prompts ``[B, T0]`` (fed as ``inputs_embeds``
+        ``[B, T0, H]`` where given); returns the logits ``[B, V]``."""
+        return prefill(self.model, self.cache, input_ids, prompt_lens, self.backend, scores, inputs_embeds)
 
     def forward(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -45,9 +46,13 @@ def resolve_backend(requested: str, device: torch.device, *, has_cuda_op: bool, 
     """Pick the implementation of one op for tensors on ``device``.
 
     ``auto`` takes the CUDA extension (built, tensors on CUDA), then Triton (CUDA tensors), then the torch
-    reference. The environment variable ``EFFDECODE_BACKEND`` overrides ``requested`` when set. Asking for a
-    backend that cannot run here raises ``ValueError`` rather than silently taking another. ``flash_attn``
-    only concerns attention (whose dispatcher tries flash-attn first); here it resolves as ``auto``.
+    reference. The environment variable ``EFFDECODE_BACKEND`` overrides ``requested`` when set.
+
+    One rule for a backend that cannot run here (``"cuda"`` without the built extension or off CUDA,
+    ``"triton"`` without Triton or without a CUDA device and ``TRITON_INTERPRET=1``, ``"flash_attn"`` without
+    flash-attn): a ``RuntimeWarning`` naming the backend, why, and what runs instead (once per process and
+    case), then that runs. ``flash_attn`` only concerns attention (whose dispatcher tries flash-attn first);
+    here it resolves as ``auto``.
     """
     requested = requested_backend(requested)
     return _resolve(requested, device, has_cuda_op=has_cuda_op, has_triton_op=has_triton_op)
@@ -64,13 +69,32 @@ def _resolve(requested: str, device: torch.device, *, has_cuda_op: bool, has_tri
             return "triton"
         return "torch"
     if requested == "cuda":
-        if not has_cuda_op:
-            return _resolve("auto", device, has_cuda_op=False, has_triton_op=has_triton_op)
         if cuda_extension() is None or not on_cuda:
-            raise ValueError("backend 'cuda' needs the built effdecode._C extension and CUDA tensors")
+            instead = _resolve("auto", device, has_cuda_op=False, has_triton_op=has_triton_op)
+            why = "the effdecode._C extension is not built" if cuda_extension() is None else "not on CUDA"
+            warn_backend_fallback("cuda", why, instead)
+            return instead
+        if not has_cuda_op:  # the extension runs here but has no kernel for this op: the next best
+            return _resolve("auto", device, has_cuda_op=False, has_triton_op=has_triton_op)
     if requested == "triton":
         if not has_triton_op:
             return "torch"
         if not triton_usable():
-            raise ValueError("backend 'triton' needs Triton with a CUDA device, or TRITON_INTERPRET=1 on CPU")
+            why = (
+                "Triton is not installed"
+                if importlib.util.find_spec("triton") is None
+                else "no CUDA device (set TRITON_INTERPRET=1 to run Triton's CPU interpreter)"
+            )
+            warn_backend_fallback("triton", why, "torch")
+            return "torch"
     return requested
+
+
+@functools.cache
+def warn_backend_fallback(requested: str, why: str, instead: str) -> None:
+    """The one warning for a backend that cannot run here: what was asked, why not, what runs instead."""
+    warnings.warn(
+        f"effdecode: backend {requested!r} cannot run here ({why}); using {instead!r} instead",
+        RuntimeWarning,
+        stacklevel=5,
+    )
