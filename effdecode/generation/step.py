@@ -6,12 +6,14 @@ Each phase is a method that calls the participants' hooks in a fixed order; the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
 import torch
 
 from effdecode.compression.kv_compressor import KVCompressor
+from effdecode.distributed import agree_any, tp_group
 from effdecode.generation.compressing import Compression
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
@@ -75,7 +77,8 @@ class DecodeCall:
         )
         self.pipeline = LogitsPipeline(request, model.device)
         self.drafting = Drafting(request, capacity) if speculation is not None else None
-        self.stop = StopLogic(request, self.pipeline.eos_ids, started)
+        agree = functools.partial(agree_any, model) if tp_group(model) is not None else None
+        self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree)
         self.outputs = StepOutputs(request)
         self.state = DecodeState(request, lookahead, keep_history=speculation is not None)
         # Options that need one token per step (they exclude drafting): forced text goes one token a step.

@@ -8,6 +8,8 @@ an EOS token; without one, a row a criterion ended keeps generating until every 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,7 +30,16 @@ class StopLogic:
         ``time.perf_counter()`` at the start of the call (``max_time``).
     """
 
-    def __init__(self, request: GenerationRequest, eos_ids: torch.Tensor, started: float) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        eos_ids: torch.Tensor,
+        started: float,
+        agree: Callable[[Any], Any] | None = None,
+    ) -> None:
+        # Under tensor parallel, host decisions read off the clock or a user criterion are OR-ed over the
+        # ranks (effdecode.distributed.agree_any), or one rank would run a forward the others skip.
+        self.agree = agree if agree is not None else (lambda flag: flag)
         self.criteria = request.stopping_criteria
         self.eos_ids = eos_ids
         self.max_new = request.max_new_tokens
@@ -79,7 +90,7 @@ class StopLogic:
             # transformers' view: the whole batch (rows that left: their tokens, then pads), row i is row i.
             full = state.sequences[:, :width].clone()
             full[state.rows_long] = windows
-            hit = criteria_hit(self.criteria, full, None, state.rows_long) & present
+            hit = self.agree(criteria_hit(self.criteria, full, None, state.rows_long)) & present
             counts = torch.where(hit, j + 1, counts)
             finished |= hit
             pending &= ~hit
@@ -96,7 +107,7 @@ class StopLogic:
         if self.criteria and one_token:
             width = state.prompt_width + min(state.width_bound, self.max_new)
             ids = live_view(state, width)  # transformers' view: the whole batch, row i always row i
-            finished = finished | criteria_hit(self.criteria, ids, scores, state.rows_long)
+            finished = finished | self.agree(criteria_hit(self.criteria, ids, scores, state.rows_long))
         full = state.new_tokens[state.rows_long] >= self.max_new
         if self.rows_leave:
             return finished | full
@@ -108,4 +119,4 @@ class StopLogic:
         return not self.rows_leave and not bool(unfinished_host.any())
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.perf_counter() > self.deadline
+        return self.deadline is not None and bool(self.agree(time.perf_counter() > self.deadline))
