@@ -186,4 +186,5 @@ def test_every_drafter_eviction_and_thinking_combination_matches_plain(drafter, 
     assert spec.stats.thinking_tokens == plain.stats.thinking_tokens
     assert spec.stats.early_exits == plain.stats.early_exits
     assert spec.stats.evicted_tokens == plain.stats.evicted_tokens
-    assert sum(spec.stats.proposed_draft_tokens) > 0
+    if drafter == "draft":  # (n-gram lookup may find nothing to propose under a tight budget)
+        assert sum(spec.stats.proposed_draft_tokens) > 0

@@ -102,7 +102,7 @@ class DraftGate:
     MIN_STEPS = 4
     EXPLORE_BELOW = 1.5
     REFRESH = 64  # drafting steps after which plain steps are timed again
-    FIRST_PAUSE = 16
+    FIRST_PAUSE = 32
     LAST_PAUSE = 256
     DECAY = 0.8
 

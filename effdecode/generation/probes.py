@@ -124,6 +124,29 @@ class ProbeHooks:
         saved = torch.where(confident[:, None], self.answer_logits[rows], self.real_logits[rows])
         return torch.where(deciding[:, None], saved.to(logits.dtype), logits)
 
+    def _force_after_choose(self, chosen, rows, stage, probing) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token, forcing)`` ``[B]``: chosen tokens, forced text where the budget ran out."""
+        plan = self.plan
+        # Budget: rows that chose their budget's worth of thinking tokens are forced from now on.
+        forcing = self.force_step[rows] >= 0
+        if plan.budget is not None:
+            start = self.thinking[rows] & ~forcing & (self.thought[rows] >= plan.budget)
+            if probing is not None:
+                # No forcing mid-probe; but an appended probe rolled back at the budget emits the forced
+                # text instead of its row's real next token (a replaced one refeeds its trigger first).
+                rolled_back = (
+                    torch.as_tensor(stage == plan.answer_tokens, device=self.device) & ~self.confident[rows]
+                )
+                start &= ~probing | (rolled_back & (not plan.replace_trigger))
+            self.force_step[rows] = torch.where(start, 0, self.force_step[rows])
+            forcing = forcing | start
+        step = self.force_step[rows]
+        forced = self.forced_ids[step.clamp(0, self.forced_ids.shape[0] - 1)]
+        token = torch.where(forcing, forced, chosen)
+        advanced = torch.where(forcing, step + 1, step)
+        self.force_step[rows] = torch.where(advanced >= self.forced_ids.shape[0], -1, advanced)
+        return token, forcing
+
     def after_choose(
         self,
         chosen: torch.Tensor,
@@ -138,24 +161,7 @@ class ProbeHooks:
         stage = self.stage[rows_host]
         busy = (stage > 0) | self.starting[rows_host] if plan.early_exit else stage > 0
         probing = torch.as_tensor(busy, device=device) if busy.any() else None
-        # Budget: rows that chose their budget's worth of thinking tokens are forced from now on.
-        forcing = self.force_step[rows] >= 0
-        if plan.budget is not None:
-            start = self.thinking[rows] & ~forcing & (self.thought[rows] >= plan.budget)
-            if probing is not None:
-                # No forcing mid-probe; but an appended probe rolled back at the budget emits the forced
-                # text instead of its row's real next token (a replaced one refeeds its trigger first).
-                rolled_back = (
-                    torch.as_tensor(stage == plan.answer_tokens, device=device) & ~self.confident[rows]
-                )
-                start &= ~probing | (rolled_back & (not plan.replace_trigger))
-            self.force_step[rows] = torch.where(start, 0, self.force_step[rows])
-            forcing = forcing | start
-        step = self.force_step[rows]
-        forced = self.forced_ids[step.clamp(0, self.forced_ids.shape[0] - 1)]
-        token = torch.where(forcing, forced, chosen)
-        advanced = torch.where(forcing, step + 1, step)
-        self.force_step[rows] = torch.where(advanced >= self.forced_ids.shape[0], -1, advanced)
+        token, forcing = self._force_after_choose(chosen, rows, stage, probing)
         # Tokens the model chose inside the span count toward the budget.
         counted = self.thinking[rows] & ~forcing
         self.decided_host = np.zeros(len(rows_host), dtype=bool)

@@ -99,6 +99,7 @@ class DecodeState:
         self.rows = torch.arange(self.batch_size, dtype=torch.int32, device=device)
         self.rows_long = self.rows.long()
         self.rows_host = np.arange(self.batch_size)
+        self.ones = torch.ones(self.batch_size, dtype=torch.int32, device=device)  # never written
         self.forwards = 0  # target forwards so far (prefill included)
         self.row_forwards = torch.zeros(self.batch_size, dtype=torch.long, device=device)  # set on leaving
 

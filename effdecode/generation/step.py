@@ -89,6 +89,8 @@ class DecodeCall:
             or (request.streamer is not None and batch_size > 1)
             or not self.stop.rows_leave
         )
+        # Every row emits one token a step (no drafts, no thinking control): the host knows their counts.
+        self.uniform = speculation is None and thinking is None
         if request.do_sample and speculation is not None:  # per-row streams of the verify sampler
             self.seeds = torch.randint(0, 2**62, (batch_size,), device=model.device)
             self.offsets = torch.zeros(batch_size, dtype=torch.long, device=model.device)
@@ -165,7 +167,9 @@ class DecodeCall:
             last = last.index_copy(0, probe.index, probe.emission.feed)
         self.last_tokens = last
         self.outputs.record(state, emission, counts)
-        leaving = self.stop.after_append(state, finished, emitted.shape[1] == 1, emission.scores)
+        leaving = self.stop.after_append(
+            state, finished, emitted.shape[1] == 1, emission.scores, self.uniform
+        )
         return self._sync(leaving, counts, triggered, probe)
 
     def _thinking_after_append(self, run_counts: torch.Tensor, probe) -> torch.Tensor | None:
@@ -199,7 +203,7 @@ class DecodeCall:
             parts.append(stop.unfinished[state.rows_long])
         if len(parts) == 1:
             leaving_host = leaving.cpu().numpy()  # the step's one sync
-            return ~leaving_host, bool(leaving_host.all())
+            return ~leaving_host, bool(leaving_host.all()) or self._all_full()
         synced = iter(torch.stack([part.long() for part in parts]).cpu().numpy())  # the step's one sync
         leaving_host = next(synced).astype(bool)
         kept_host = next(synced) if self.compression is not None or self.drafting is not None else None
@@ -219,10 +223,14 @@ class DecodeCall:
             self.any_forcing = bool(next(synced).any())
         if self.compression is not None:
             self.compression.after_sync(state.rows_host, kept_host, state.forwards == 1, decided)
-        done = bool(leaving_host.all())
+        done = bool(leaving_host.all()) or self._all_full()
         if not stop.rows_leave:
             done = done or stop.all_done(next(synced))
         return ~leaving_host, done
+
+    def _all_full(self) -> bool:
+        """Rows that advance together (one token a step) all reach ``max_new_tokens`` at once: known here."""
+        return self.uniform and self.state.width_bound >= self.state.max_new
 
     def shrink(self, stay: np.ndarray) -> None:
         """Finished rows leave the batch (nothing is copied; their slots keep their KV)."""
@@ -289,7 +297,7 @@ class DecodeCall:
         state = self.state
         positions = self.target.cache.positions[state.rows_long]
         if num_cols == 1:
-            ones = torch.ones(state.rows.shape[0], dtype=torch.int32, device=state.device)
+            ones = state.ones[: state.rows.shape[0]]
             plan = StepPlan(last[:, None], positions[:, None], ones, forced=forced, probe=probe)
         else:
             columns = torch.arange(num_cols, device=state.device)
@@ -367,7 +375,7 @@ class DecodeCall:
             user_view = (live_view(state, width), state.rows_long)
         scores = self.pipeline.process(logits, history, state.new_tokens[state.rows_long], user_view)
         tokens = self.pipeline.choose(scores, state.rows_long)
-        counts = torch.ones(tokens.shape[0], dtype=torch.int32, device=tokens.device)
+        counts = state.ones[: tokens.shape[0]]
         return Emission(tokens[:, None], counts, scores=scores, logits=logits)
 
     def _verify(self, plan: StepPlan, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

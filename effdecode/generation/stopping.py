@@ -63,8 +63,8 @@ class StopLogic:
     def _cut_at_eos(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.rows_leave:
             return counts, torch.zeros_like(counts, dtype=torch.bool)
-        if emitted.shape[1] == 1:
-            return counts, torch.isin(emitted[:, 0], self.eos_ids) & (counts > 0)
+        if emitted.shape[1] == 1:  # one token per row: every row emits it
+            return counts, torch.isin(emitted[:, 0], self.eos_ids)
         present = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]
         is_eos = torch.isin(emitted, self.eos_ids) & present
         finished = is_eos.any(dim=1)
@@ -97,17 +97,25 @@ class StopLogic:
         return counts, finished
 
     def after_append(
-        self, state: DecodeState, finished: torch.Tensor, one_token: bool, scores: torch.Tensor | None
+        self,
+        state: DecodeState,
+        finished: torch.Tensor,
+        one_token: bool,
+        scores: torch.Tensor | None,
+        uniform: bool = False,
     ) -> torch.Tensor:
         """bool ``[R]``: rows that leave the batch after this step's append.
 
         One-token steps check the criteria here, on the whole batch with the step's scores (as transformers
-        does: :mod:`effdecode.generation.user_hooks`); every row leaves at ``max_new_tokens``.
+        does: :mod:`effdecode.generation.user_hooks`); every row leaves at ``max_new_tokens`` (``uniform``:
+        rows advance together, the caller checks that on the host).
         """
         if self.criteria and one_token:
             width = state.prompt_width + min(state.width_bound, self.max_new)
             ids = live_view(state, width)  # transformers' view: the whole batch, row i always row i
             finished = finished | self.agree(criteria_hit(self.criteria, ids, scores, state.rows_long))
+        if uniform and self.rows_leave:
+            return finished
         full = state.new_tokens[state.rows_long] >= self.max_new
         if self.rows_leave:
             return finished | full
