@@ -194,3 +194,28 @@ def test_every_drafter_eviction_and_thinking_combination_matches_plain(drafter, 
     assert spec.stats.evicted_tokens == plain.stats.evicted_tokens
     if drafter == "draft":  # (n-gram lookup may find nothing to propose under a tight budget)
         assert sum(spec.stats.proposed_draft_tokens) > 0
+
+
+def test_sampling_ignores_the_timed_draft_gate(monkeypatch):
+    """Sampled output must not depend on wall-clock timings: with the timed gate claiming drafting never pays,
+    a sampled speculative call still drafts, and the same seed gives the same tokens."""
+    from effdecode.generation import drafters
+
+    monkeypatch.setattr(drafters.DraftGate, "open", property(lambda self: False))
+    model = tiny_model("llama", torch.float64, seed=3)
+    ids, mask = repetitive_prompts(3, 12, seed=5)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        out = effdecode.generate(
+            model, ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.8,
+            assistant_model=model, num_assistant_tokens=3, return_dict_in_generate=True,
+        )  # fmt: skip
+        assert sum(out.stats.proposed_draft_tokens) > 0
+        outputs.append(out.sequences)
+    assert torch.equal(outputs[0], outputs[1])
+    greedy = effdecode.generate(
+        model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False, assistant_model=model,
+        num_assistant_tokens=3, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert sum(greedy.stats.proposed_draft_tokens) == 0  # greedy keeps the gate (the output cannot change)

@@ -38,7 +38,7 @@ class Drafting:
         Entries per slot of the target cache (the draft model's cache gets as many).
     """
 
-    def __init__(self, request: GenerationRequest, capacity: int) -> None:
+    def __init__(self, request: GenerationRequest, capacity: int, timed_gate: bool = True) -> None:
         plan = request.speculation
         config = request.decode_config
         device = request.input_ids.device
@@ -60,7 +60,11 @@ class Drafting:
         self.proposed = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.quiet_until = 0  # no row drafts before this schedule step
-        self.gate = DraftGate()
+        # The gate decides from wall-clock timings. Greedy output never depends on it, but sampled output
+        # does (which steps verify drafts changes the random draws), and tensor-parallel ranks would time
+        # differently and run different forwards: there it stays open, so a fixed seed reproduces the output
+        # and every rank takes the same steps. Rows whose drafts keep failing still pause (DraftSchedule).
+        self.gate = DraftGate() if timed_gate else None
         self.drafted = False  # the current step verifies drafts
 
     @property
@@ -94,7 +98,7 @@ class Drafting:
         """
         schedule = self.schedule
         self.drafted = False
-        if schedule.steps + 1 < self.quiet_until or not self.gate.open:
+        if schedule.steps + 1 < self.quiet_until or (self.gate is not None and not self.gate.open):
             schedule.steps += 1
             return None, None, None
         rows = state.rows_long
@@ -123,7 +127,8 @@ class Drafting:
 
     def after_sync(self, tokens: int, rows: int) -> None:
         """The step's ``tokens`` over ``rows`` rows are known on the host: time it for the gate."""
-        self.gate.record(self.drafted, tokens, rows)
+        if self.gate is not None:
+            self.gate.record(self.drafted, tokens, rows)
 
     def _choose(self, logits: torch.Tensor):
         if not self.request.do_sample:

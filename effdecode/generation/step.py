@@ -76,8 +76,13 @@ class DecodeCall:
             Compression(config, cache, request.prompt_lens, thinking) if config.compresses else None
         )
         self.pipeline = LogitsPipeline(request, model.device)
-        self.drafting = Drafting(request, capacity) if speculation is not None else None
-        agree = functools.partial(agree_any, model) if tp_group(model) is not None else None
+        tensor_parallel = tp_group(model) is not None
+        self.drafting = (
+            Drafting(request, capacity, timed_gate=not (request.do_sample or tensor_parallel))
+            if speculation is not None
+            else None
+        )
+        agree = functools.partial(agree_any, model) if tensor_parallel else None
         self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree)
         self.outputs = StepOutputs(request)
         self.state = DecodeState(request, lookahead, keep_history=speculation is not None)
