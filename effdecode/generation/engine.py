@@ -19,7 +19,7 @@ import torch
 from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
-from effdecode.generation.output import EffdecodeGenerateOutput
+from effdecode.generation.output import EffdecodeGenerateOutput, as_normal_tensors
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.steps import criteria_hit, forward_logits, prefill, right_aligned_windows
 from effdecode.generation.thinking import ThinkingController
@@ -113,7 +113,7 @@ def run_generation(
             )
             if thinking is not None:
                 logits = thinking.before_choose(logits, rows_long, rows_host)
-            scores = pipeline.process(logits, history, new_tokens[rows_long])
+            scores = pipeline.process(logits, history, new_tokens[rows_long], rows_long)
             next_tokens = pipeline.choose(scores, rows_long)
             step += 1
             if thinking is None:
@@ -315,8 +315,8 @@ def run_generation(
         return sequences
     return EffdecodeGenerateOutput(
         sequences=sequences,
-        scores=tuple(scores_out) if request.output_scores else None,
-        logits=tuple(logits_out) if request.output_logits else None,
+        scores=as_normal_tensors(scores_out) if request.output_scores else None,
+        logits=as_normal_tensors(logits_out) if request.output_logits else None,
         stats=stats,
     )
 

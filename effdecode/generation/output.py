@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from effdecode.stats import GenerationStats
@@ -20,3 +22,23 @@ class EffdecodeGenerateOutput(GenerateDecoderOnlyOutput):
     """
 
     stats: GenerationStats | None = None
+
+
+def as_normal_tensors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of per-step tensors collected under ``torch.inference_mode`` that callers may modify freely.
+
+    transformers returns ``scores``/``logits`` as ordinary tensors (``scores[0].add_(1)`` works); inference
+    tensors refuse in-place updates outside inference mode. One copy per step, made once after decoding.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+        ``[B, V]`` float32 per step.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The same values as ordinary tensors, one per step.
+    """
+    with torch.inference_mode(False):
+        return tuple(t.clone() if t.is_inference() else t for t in tensors)

@@ -14,6 +14,13 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.generation.checks import (
+    Unsupported,
+    bos_prompt,
+    check_model_state,
+    check_processors_like_transformers,
+    check_rope_scaling,
+)
 from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
 
@@ -69,15 +76,6 @@ _UNSUPPORTED_CONFIG_FIELDS: dict[str, tuple] = {
 _IGNORED_MODEL_KWARGS = frozenset(
     {"use_cache", "logits_to_keep", "cache_implementation", "return_legacy_cache"}
 )
-
-
-class Unsupported(Exception):
-    """An argument effdecode does not handle; ``generate`` falls back to transformers for the call."""
-
-    def __init__(self, argument: str, detail: str = "") -> None:
-        super().__init__(argument)
-        self.argument = argument
-        self.detail = detail
 
 
 @dataclass
@@ -232,13 +230,13 @@ def build_request(
         if value is not None and value is not False:
             raise Unsupported(name)
     check_model_supported(model)
+    check_model_state(model)
 
-    if input_ids is None:
-        raise ValueError("input_ids is required (effdecode generates from token ids)")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
         value = kwargs.get(name)
         if value is not None and value < 0:
@@ -270,6 +268,9 @@ def build_request(
             raise Unsupported(name)
 
     device = model.device
+    from_bos = input_ids is None
+    if from_bos:  # transformers generates from a [1, 1] BOS prompt
+        input_ids = bos_prompt(model, config, attention_mask)
     input_ids = input_ids.to(device)
     eos_token_ids = _as_id_list(config.eos_token_id)
     pad_token_id = config.pad_token_id
@@ -280,6 +281,8 @@ def build_request(
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad_token_id, eos_token_ids)
     attention_mask = attention_mask.to(device)
+    if from_bos and not bool(attention_mask.all()):
+        raise Unsupported("input_ids", "none given, and the BOS prompt is masked as padding (bos == pad)")
     vocab_size = model.get_input_embeddings().num_embeddings
     prompt_lens = _validate_prompts(input_ids, attention_mask, vocab_size)
 
@@ -312,6 +315,9 @@ def build_request(
 
         stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
 
+    check_processors_like_transformers(
+        model, config, input_ids, attention_mask, logits_processors, stopping_criteria, eos_token_ids
+    )
     thinking = thinking_plan(decode_config, tokenizer)
     _check_kv_budget(decode_config, prompt_lens)
     speculation = _speculation_plan(
@@ -327,6 +333,11 @@ def build_request(
                 stacklevel=3,
             )
             speculation = None
+
+    longest = int(prompt_lens.max()) + max_new_tokens + _lookahead(speculation, thinking)
+    check_rope_scaling(model, longest)
+    if speculation is not None and speculation.assistant_model is not None:
+        check_rope_scaling(speculation.assistant_model, longest, "assistant_model")
 
     num_return = config.num_return_sequences or 1
     if num_return > 1:
@@ -361,6 +372,16 @@ def build_request(
         speculation=speculation,
         thinking=thinking,
     )
+
+
+def _lookahead(speculation: SpeculationPlan | None, thinking: ThinkingPlan | None) -> int:
+    """Most positions a forward may hold past a row's last kept token: drafts, forced text, probes."""
+    extra = 0
+    if speculation is not None:
+        extra += speculation.num_draft + 1
+    if thinking is not None:
+        extra += len(thinking.forced_ids) + len(thinking.probe_ids) + thinking.answer_tokens + 2
+    return extra
 
 
 def _check_kv_budget(decode_config: DecodeConfig, prompt_lens: torch.Tensor) -> None:
@@ -426,6 +447,7 @@ def _check_draft_model(model, draft, draft_tokenizer, tokenizer) -> None:
         raise ValueError(f"assistant_model is on {draft.device} but the model is on {model.device}")
     if draft.dtype != model.dtype:
         raise ValueError(f"assistant_model has dtype {draft.dtype} but the model has {model.dtype}")
+    check_model_state(draft, "assistant_model")
     try:
         check_model_supported(draft)
     except Unsupported as reason:
