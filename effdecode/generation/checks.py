@@ -39,6 +39,10 @@ def check_model_state(model: torch.nn.Module, role: str = "model") -> None:
             "init_empty_weights or with device='meta'); load them (from_pretrained, or to_empty + "
             "load_state_dict) before generate"
         )
+    from effdecode.hf_attention import routing_supported
+
+    if not routing_supported(model):
+        raise Unsupported(role, "its config's attention implementation cannot be routed per thread")
     if model.training:
         for module in model.modules():
             dropout = getattr(module, "attention_dropout", 0.0)
