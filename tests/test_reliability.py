@@ -334,3 +334,18 @@ def test_returned_scores_and_logits_are_ordinary_tensors():
         before = tensors[0].clone()
         tensors[0].add_(1)
         assert torch.equal(tensors[0], before + 1)
+
+
+def test_stop_strings_still_run_effdecode_after_the_processor_checks():
+    from tiny_tokenizer import tiny_tokenizer
+
+    model = tiny_model("llama", torch.float64, seed=31)
+    input_ids, mask = ragged_prompts(3, 5, seed=31)
+    free_run = model.generate(input_ids, attention_mask=mask, max_new_tokens=8)
+    tokenizer = tiny_tokenizer()
+    stop = tokenizer.decode(free_run[1, 5 + 2 : 5 + 4])
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, stop_strings=[stop], tokenizer=tokenizer)
+    expected = model.generate(input_ids, **kwargs)
+    actual, ours = _run(model, input_ids, **kwargs)
+    assert not ours  # effdecode's own StopStringCriteria is not mistaken for a user one
+    assert torch.equal(actual, expected)

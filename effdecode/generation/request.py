@@ -308,6 +308,10 @@ def build_request(
     else:
         eos_blocked_until = 0
 
+    # Before effdecode adds its own StopStringCriteria to the user's criteria.
+    check_processors_like_transformers(
+        model, config, input_ids, attention_mask, logits_processors, stopping_criteria, eos_token_ids
+    )
     if config.stop_strings is not None:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
@@ -315,9 +319,6 @@ def build_request(
 
         stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
 
-    check_processors_like_transformers(
-        model, config, input_ids, attention_mask, logits_processors, stopping_criteria, eos_token_ids
-    )
     thinking = thinking_plan(decode_config, tokenizer)
     _check_kv_budget(decode_config, prompt_lens)
     speculation = _speculation_plan(
