@@ -139,6 +139,11 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
         gen["max_new_tokens"] = new
     if eos and rng.random() < 0.3:
         gen["min_new_tokens"] = rng.randint(1, new)
+    elif eos and rng.random() < 0.15:
+        gen["min_length"] = width + rng.randint(1, new)
+    if rng.random() < 0.1 and not speculative:
+        gen["output_logits"] = True
+        gen["return_dict_in_generate"] = True
     if eos and rng.random() < 0.1:  # an EOS id the model cannot produce
         gen["eos_token_id"] = eos + [vocab + rng.randint(0, 5)]
     gen["pad_token_id"] = pad
@@ -411,22 +416,25 @@ def _compare(check: str, expected, got, failures: list[Failure]) -> None:
 
 
 def _compare_scores(case: FuzzCase, expected, got, failures: list[Failure], width: int) -> None:
-    """Scores of rows still running at each step (effdecode returns zeros for rows that left)."""
-    if not case.generate.get("output_scores") or case.criteria:
+    """Scores/logits of rows still running at each step (effdecode returns zeros for rows that left)."""
+    if case.criteria:
         return
     eos = set(case.generate.get("eos_token_id") or [])
     sequences = _sequences(expected)
-    if len(expected.scores) != len(got.scores):
-        failures.append(Failure("hf", f"{len(got.scores)} score steps, expected {len(expected.scores)}"))
-        return
-    for step, (want, have) in enumerate(zip(expected.scores, got.scores, strict=True)):
-        for row in range(sequences.shape[0]):
-            before = sequences[row, width : width + step].tolist()
-            if eos & set(before):
-                continue
-            if not torch.allclose(want[row], have[row].to(want.dtype), rtol=1e-5, atol=1e-5):
-                failures.append(Failure("hf", f"scores of row {row} differ at step {step}"))
-                return
+    for name in ("scores", "logits"):
+        if not case.generate.get(f"output_{name}"):
+            continue
+        want_steps, have_steps = getattr(expected, name), getattr(got, name)
+        if len(want_steps) != len(have_steps):
+            failures.append(Failure("hf", f"{len(have_steps)} {name} steps, expected {len(want_steps)}"))
+            return
+        for step, (want, have) in enumerate(zip(want_steps, have_steps, strict=True)):
+            for row in range(sequences.shape[0]):
+                if eos & set(sequences[row, width : width + step].tolist()):
+                    continue
+                if not torch.allclose(want[row], have[row].to(want.dtype), rtol=1e-5, atol=1e-5):
+                    failures.append(Failure("hf", f"{name} of row {row} differ at step {step}"))
+                    return
 
 
 def run_case(case: FuzzCase) -> tuple[list[Failure], list[str]]:
