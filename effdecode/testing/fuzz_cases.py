@@ -180,6 +180,8 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
     avoid = set(eos) if (skip_known and speculative) else set()
     if mode in ("thinking", "deer"):
         end = _ids(rng, vocab, 1, avoid)
+        if not skip_known and speculative and eos and rng.random() < 0.5:
+            end = [eos[0]]  # issue 15 item 2: forced text holding an EOS id
         decode.update(think_start=None, think_end=end)
         if mode == "thinking" or rng.random() < 0.3:
             decode["thinking_budget"] = rng.randint(0, 10)
@@ -200,7 +202,10 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
     if mode == "kv_large" or (mode in ("thinking", "deer") and rng.random() < 0.3):
         decode.update(kv_budget=room + 64, kv_window=rng.randint(0, 4), kv_sinks=rng.randint(0, 2))
         decode["kv_policy"] = rng.choice(["streaming", "h2o", "snapkv", "rkv"])
-    if mode == "kv_small" or (mode in ("thinking", "deer") and rng.random() < 0.3):
+    small_kv = mode == "kv_small" or (mode in ("thinking", "deer") and rng.random() < 0.3)
+    if not skip_known and speculative and mode == "deer" and rng.random() < 0.5:
+        small_kv = True  # issue 15 item 3: DEER with snapkv/rkv under speculation
+    if small_kv:
         window, sinks = rng.randint(0, 4), rng.randint(0, 2)
         protect = rng.random() < 0.5
         floor = (max(lens) if protect else sinks) + window + 1
