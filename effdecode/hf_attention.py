@@ -1,14 +1,16 @@
 """effdecode's attention as a transformers ``AttentionInterface`` entry.
 
-During an effdecode forward the model's config names ``"effdecode"`` as its attention implementation, so
-every attention layer calls :func:`effdecode_attention` with the step's :class:`SlotBatch` and the slot
-cache passed down through the forward's kwargs. transformers builds no mask for an implementation it does not
+During an effdecode forward the model's config reads ``"effdecode"`` as its attention implementation (in
+the decoding thread only, see :func:`routed_through_effdecode`), so every attention layer calls
+:func:`effdecode_attention` with the step's :class:`SlotBatch` and the slot cache passed down through the
+forward's kwargs. transformers builds no mask for an implementation it does not
 know, and HF's own cache is off (``use_cache=False``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -91,8 +93,8 @@ def effdecode_attention(
     step: StepContext | None = kwargs.get(STEP_KWARG)
     if step is None:
         raise RuntimeError(
-            "the 'effdecode' attention implementation only runs inside effdecode.generate; "
-            "set model.config._attn_implementation back to 'sdpa' or 'eager' to call the model directly"
+            "the 'effdecode' attention implementation only runs inside effdecode's own forwards; call the "
+            "model outside effdecode.generate (or from another thread), with its own attn_implementation"
         )
     unknown = set(kwargs) - _KNOWN_KWARGS - {STEP_KWARG}
     if unknown:
@@ -134,15 +136,76 @@ def _configs(model: torch.nn.Module) -> list:
     return list(seen.values())
 
 
+# Routing is per thread: while a thread runs effdecode's forwards, *that thread* reads "effdecode" from the
+# routed configs; every other thread (transformers' generate, a plain forward, another effdecode call) reads
+# the config's own value. Nothing on the model or its config is written, so overlapping calls cannot leave
+# the model changed. transformers' attention layers and mask builders read the property
+# ``config._attn_implementation`` on every forward; it is wrapped once per config class that defines it.
+_routes = threading.local()
+_wrap_lock = threading.Lock()
+
+
+def _routed_ids() -> dict[int, int]:
+    routed = getattr(_routes, "configs", None)
+    if routed is None:
+        routed = _routes.configs = {}
+    return routed
+
+
+def _defining_class(config) -> type | None:
+    """The class in ``config``'s MRO whose ``_attn_implementation`` is a property, or None."""
+    for klass in type(config).__mro__:
+        if isinstance(klass.__dict__.get("_attn_implementation"), property):
+            return klass
+    return None
+
+
+def _wrap_property(klass: type) -> None:
+    """Make ``klass._attn_implementation`` answer "effdecode" for configs routed in the reading thread."""
+    original = klass.__dict__["_attn_implementation"]
+    if getattr(original.fget, "_effdecode_routed", False):
+        return
+
+    def fget(config):
+        routed = getattr(_routes, "configs", None)
+        if routed and id(config) in routed:
+            return ATTN_IMPLEMENTATION
+        return original.fget(config)
+
+    fget._effdecode_routed = True  # type: ignore[attr-defined]
+    klass._attn_implementation = property(fget, original.fset, original.fdel, original.__doc__)
+
+
+def routing_supported(model: torch.nn.Module) -> bool:
+    """Whether every config under ``model`` reads its attention implementation through a property."""
+    return all(_defining_class(config) is not None for config in _configs(model))
+
+
 @contextlib.contextmanager
 def routed_through_effdecode(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, the model's attention layers call :func:`effdecode_attention`."""
+    """Within the block, the model's attention layers called from this thread run :func:`effdecode_attention`.
+
+    Other threads keep the model's own attention; calls may overlap and nest.
+    """
     configs = _configs(model)
-    previous = [config._attn_implementation for config in configs]
+    for config in configs:
+        klass = _defining_class(config)
+        if klass is None:
+            raise RuntimeError(
+                f"{type(config).__name__}._attn_implementation is not a property; effdecode cannot route "
+                "this transformers version's attention"
+            )
+        with _wrap_lock:
+            _wrap_property(klass)
+    routed = _routed_ids()
+    for config in configs:
+        routed[id(config)] = routed.get(id(config), 0) + 1
     try:
-        for config in configs:
-            config._attn_implementation = ATTN_IMPLEMENTATION
         yield
     finally:
-        for config, name in zip(configs, previous, strict=True):
-            config._attn_implementation = name
+        for config in configs:
+            count = routed[id(config)] - 1
+            if count:
+                routed[id(config)] = count
+            else:
+                del routed[id(config)]

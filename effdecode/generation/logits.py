@@ -7,6 +7,9 @@ transformers, whatever the model's dtype.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from effdecode.generation.request import GenerationRequest
@@ -15,7 +18,31 @@ from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
 
 
-def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+@functools.cache
+def penalty_skips_padding() -> bool:
+    """Whether the installed transformers' ``generate`` exempts left-padding from ``repetition_penalty``.
+
+    transformers 5.24 builds ``RepetitionPenaltyLogitsProcessor(prompt_ignore_length=<pad columns per row>)``;
+    older releases (5.17) penalise every column of ``input_ids``, padding included. effdecode follows
+    whichever is installed.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
+    except (OSError, TypeError):  # no source shipped: the processor accepting per-row lengths tells
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        try:
+            RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.zeros(1, dtype=torch.long))
+        except (ValueError, TypeError):
+            return False
+        return True
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, history: torch.Tensor, penalty: float, skip_columns: torch.Tensor | None = None
+) -> torch.Tensor:
     """Divide positive (multiply negative) scores of tokens already in ``history`` by ``penalty``.
 
     Parameters
@@ -23,11 +50,27 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
     scores : torch.Tensor
         ``[B, V]`` float.
     history : torch.Tensor
-        int64 ``[B, L]``, each row's tokens so far (left padding included, as transformers does).
+        int64 ``[B, L]``, each row's tokens so far (left padding included, as transformers keeps it).
+    penalty : float
+        transformers' ``repetition_penalty``.
+    skip_columns : torch.Tensor, optional
+        int ``[B]``: the first ``skip_columns[b]`` columns of row ``b`` (its left padding) are not penalised.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` penalised scores (a new tensor).
     """
-    seen = torch.gather(scores, 1, history)
+    vocab = scores.shape[-1]
+    # Ids outside the scores' vocabulary (and skipped columns) go to an extra column that is dropped after.
+    history = history.clamp(max=vocab)
+    if skip_columns is not None:
+        columns = torch.arange(history.shape[1], device=history.device)
+        history = history.masked_fill(columns[None, :] < skip_columns[:, None], vocab)
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    seen = torch.gather(padded, 1, history)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, history, seen)
+    return padded.scatter(1, history, seen)[:, :vocab]
 
 
 class LogitsPipeline:
@@ -37,6 +80,11 @@ class LogitsPipeline:
         self.request = request
         self.eos_ids = torch.tensor(request.eos_token_ids, dtype=torch.long, device=device)
         self.needs_history = request.repetition_penalty != 1.0 or bool(request.logits_processors)
+        # Left-padding columns per row that repetition_penalty leaves alone (as the installed transformers).
+        self.penalty_skip: torch.Tensor | None = None
+        if request.repetition_penalty != 1.0 and penalty_skips_padding():
+            width = request.input_ids.shape[1]
+            self.penalty_skip = (width - request.prompt_lens.to(device=device, dtype=torch.long)).contiguous()
         # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox;
         # its seeds come from torch's generator, so torch.manual_seed still reproduces a call. The torch path
         # (CPU) keeps transformers' exact ops, and is also used when the warped scores must be returned.
@@ -58,7 +106,10 @@ class LogitsPipeline:
     def _eos_column_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         if self._eos_columns is None:
             self._eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self._eos_columns[self.eos_ids] = True
+            # An EOS id outside the scores' vocabulary can never be chosen, so there is nothing to block
+            # (transformers' min-length processors match ids against the vocabulary the same way).
+            in_vocab = self.eos_ids[(self.eos_ids >= 0) & (self.eos_ids < vocab_size)]
+            self._eos_columns[in_vocab] = True
         return self._eos_columns
 
     def process(
@@ -67,17 +118,25 @@ class LogitsPipeline:
         history: torch.Tensor | None,
         new_tokens: torch.Tensor,
         user_view: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Processed float32 scores ``[B, V]`` for rows whose histories are ``history`` ``[B, L]``.
 
         ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far. ``user_view``: ``(ids, rows)``,
         transformers' full-batch ``input_ids`` ``[N, L]`` and the slots ``[B]`` of these rows; user processors
         then see the whole batch (:mod:`effdecode.generation.user_hooks`), else the rows' ``history``.
+        ``rows`` (int ``[B]``) are the rows' request indices (slots), None meaning every row of the request in
+        order.
         """
         request = self.request
         scores = logits.to(dtype=torch.float32, copy=True)
         if request.repetition_penalty != 1.0:
-            scores = apply_repetition_penalty(scores, history, request.repetition_penalty)
+            skip = self.penalty_skip
+            if skip is not None and rows is not None:
+                skip = skip.index_select(0, rows.long())
+            elif skip is not None and skip.shape[0] != scores.shape[0]:
+                raise RuntimeError("LogitsPipeline.process needs `rows` when only some rows are running")
+            scores = apply_repetition_penalty(scores, history, request.repetition_penalty, skip)
         if request.eos_blocked_until > 0 and self.eos_ids.numel():
             blocked = (new_tokens < request.eos_blocked_until)[:, None]
             eos_columns = self._eos_column_mask(scores.shape[-1], scores.device)

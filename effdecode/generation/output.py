@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -169,3 +170,23 @@ setattr(
     CACHE_FIELD,
     property(_get_cache, _set_cache, doc="transformers' cache; see the class docstring"),
 )
+
+
+def as_normal_tensors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of per-step tensors collected under ``torch.inference_mode`` that callers may modify freely.
+
+    transformers returns ``scores``/``logits`` as ordinary tensors (``scores[0].add_(1)`` works); inference
+    tensors refuse in-place updates outside inference mode. One copy per step, made once after decoding.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+        ``[B, V]`` float32 per step.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The same values as ordinary tensors, one per step.
+    """
+    with torch.inference_mode(False):
+        return tuple(t.clone() if t.is_inference() else t for t in tensors)

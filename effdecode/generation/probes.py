@@ -450,7 +450,7 @@ class ProbeHooks:
         logits = ctl.before_choose(logits, slots, slots_host)
         if history is not None:  # [B, L] of the step's rows (history-dependent processors)
             history = history[probe.index]
-        scores = pipeline.process(logits, history, new_tokens[slots])
+        scores = pipeline.process(logits, history, new_tokens[slots], rows=slots)
         chosen = pipeline.choose(scores, slots)
         probe.emission = ctl.after_choose(chosen, slots, slots_host, new_tokens[slots], cache)
         probe.decided_host = ctl.decided_host

@@ -16,6 +16,13 @@ import torch
 from effdecode.config import DecodeConfig
 from effdecode.distributed import placement_problem
 from effdecode.families import SUPPORTED, unsupported_reason
+from effdecode.generation.checks import (
+    Unsupported,
+    bos_prompt,
+    check_model_state,
+    check_processors_like_transformers,
+    check_rope_scaling,
+)
 from effdecode.generation.thinking import ThinkingPlan, thinking_plan
 from effdecode.ops.sampling import SamplingParams
 
@@ -70,15 +77,6 @@ _UNSUPPORTED_CONFIG_FIELDS: dict[str, tuple] = {
 _IGNORED_MODEL_KWARGS = frozenset(
     {"use_cache", "logits_to_keep", "cache_implementation", "return_legacy_cache"}
 )
-
-
-class Unsupported(Exception):
-    """An argument effdecode does not handle; ``generate`` falls back to transformers for the call."""
-
-    def __init__(self, argument: str, detail: str = "") -> None:
-        super().__init__(argument)
-        self.argument = argument
-        self.detail = detail
 
 
 @dataclass
@@ -241,6 +239,7 @@ def build_request(
         if value is not None and value is not False:
             raise Unsupported(name)
     check_model_supported(model)
+    check_model_state(model)
 
     embeds_only = False
     if inputs_embeds is not None:
@@ -256,12 +255,11 @@ def build_request(
                 f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has shape "
                 f"{tuple(inputs_embeds.shape)}; their first two dimensions must match"
             )
-    if input_ids is None:
-        raise ValueError("input_ids is required (effdecode generates from token ids)")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if input_ids is not None:  # (None: transformers generates from BOS, below)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
         value = kwargs.get(name)
         if value is not None and value < 0:
@@ -298,6 +296,9 @@ def build_request(
         )
 
     device = model.device
+    from_bos = input_ids is None
+    if from_bos:  # transformers generates from a [1, 1] BOS prompt
+        input_ids = bos_prompt(model, config, attention_mask)
     input_ids = input_ids.to(device)
     eos_token_ids = _as_id_list(config.eos_token_id)
     pad_token_id = config.pad_token_id
@@ -308,6 +309,8 @@ def build_request(
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad_token_id, eos_token_ids)
     attention_mask = attention_mask.to(device)
+    if from_bos and not bool(attention_mask.all()):
+        raise Unsupported("input_ids", "none given, and the BOS prompt is masked as padding (bos == pad)")
     vocab_size = model.get_input_embeddings().num_embeddings
     prompt_lens = _validate_prompts(input_ids, attention_mask, vocab_size)
 
@@ -333,6 +336,10 @@ def build_request(
     else:
         eos_blocked_until = 0
 
+    # Before effdecode adds its own StopStringCriteria to the user's criteria.
+    check_processors_like_transformers(
+        model, config, input_ids, attention_mask, logits_processors, stopping_criteria, eos_token_ids
+    )
     if config.stop_strings is not None:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
@@ -358,6 +365,11 @@ def build_request(
 
     if embeds_only and thinking is not None:
         raise Unsupported("inputs_embeds", "without input_ids, with thinking control (it reads the prompt)")
+    longest = int(prompt_lens.max()) + max_new_tokens + _lookahead(speculation, thinking)
+    check_rope_scaling(model, longest)
+    if speculation is not None and speculation.assistant_model is not None:
+        check_rope_scaling(speculation.assistant_model, longest, "assistant_model")
+
     num_return = config.num_return_sequences or 1
     if inputs_embeds is not None:
         inputs_embeds = inputs_embeds.to(device=device, dtype=model.dtype)
@@ -435,6 +447,16 @@ def _warn_ignored_cache_options(config) -> None:
         )
 
 
+def _lookahead(speculation: SpeculationPlan | None, thinking: ThinkingPlan | None) -> int:
+    """Most positions a forward may hold past a row's last kept token: drafts, forced text, probes."""
+    extra = 0
+    if speculation is not None:
+        extra += speculation.num_draft + 1
+    if thinking is not None:
+        extra += len(thinking.forced_ids) + len(thinking.probe_ids) + thinking.answer_tokens + 2
+    return extra
+
+
 def _check_kv_budget(decode_config: DecodeConfig, prompt_lens: torch.Tensor) -> None:
     """A protected prompt and the recent window must fit in the KV budget."""
     budget = decode_config.kv_budget
@@ -498,6 +520,7 @@ def _check_draft_model(model, draft, draft_tokenizer, tokenizer) -> None:
         raise ValueError(f"assistant_model is on {draft.device} but the model is on {model.device}")
     if draft.dtype != model.dtype:
         raise ValueError(f"assistant_model has dtype {draft.dtype} but the model has {model.dtype}")
+    check_model_state(draft, "assistant_model")
     try:
         check_model_supported(draft)
     except Unsupported as reason:

@@ -18,7 +18,7 @@ from effdecode.generation.compressing import Compression
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
-from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache
+from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache, as_normal_tensors
 from effdecode.generation.outputs import StepOutputs
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState, Emission, StepPlan
@@ -378,7 +378,9 @@ class DecodeCall:
         if self.request.logits_processors:  # transformers' view: the whole batch, row i always row i
             width = state.prompt_width + min(state.width_bound, state.max_new)
             user_view = (live_view(state, width), state.rows_long)
-        scores = self.pipeline.process(logits, history, state.new_tokens[state.rows_long], user_view)
+        scores = self.pipeline.process(
+            logits, history, state.new_tokens[state.rows_long], user_view, rows=state.rows_long
+        )
         tokens = self.pipeline.choose(scores, state.rows_long)
         counts = state.ones[: tokens.shape[0]]
         return Emission(tokens[:, None], counts, scores=scores, logits=logits)
@@ -436,8 +438,8 @@ class DecodeCall:
         outputs = self.outputs
         output = EffdecodeGenerateOutput(
             sequences=sequences,
-            scores=tuple(outputs.scores) if self.request.output_scores else None,
-            logits=tuple(outputs.logits) if self.request.output_logits else None,
+            scores=as_normal_tensors(outputs.scores) if self.request.output_scores else None,
+            logits=as_normal_tensors(outputs.logits) if self.request.output_logits else None,
             stats=stats,
         )
         target = self.target  # transformers' cache, built from the slot cache when first read
