@@ -234,18 +234,139 @@ def build_request(
     assistant_model = kwargs.pop("assistant_model", None)
     assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
     inputs_embeds = kwargs.pop("inputs_embeds", None)
+    _refuse_unsupported_arguments(kwargs)
+    check_model_supported(model)
+    check_model_state(model)
+    input_ids, attention_mask, embeds_only = _prompt_inputs(input_ids, attention_mask, inputs_embeds)
+    _check_lengths(kwargs)
+    hooks = _UserHooks(
+        logits_processors=list(kwargs.pop("logits_processor", None) or []),
+        stopping_criteria=list(kwargs.pop("stopping_criteria", None) or []),
+        streamer=kwargs.pop("streamer", None),
+        tokenizer=kwargs.pop("tokenizer", None),
+    )
+    config, defaults = _generation_config(model, kwargs)
+    if embeds_only:
+        _check_embeds_only(
+            config, hooks.logits_processors, hooks.stopping_criteria, hooks.streamer, assistant_model,
+            defaults.min_length,
+        )  # fmt: skip
+    prompt = _prompt(model, config, input_ids, attention_mask)
+    max_new_tokens, eos_blocked_until = _length_limits(model, config, defaults, prompt.input_ids.shape[1])
+    # Before effdecode adds its own StopStringCriteria to the user's criteria.
+    check_processors_like_transformers(
+        model, config, prompt.input_ids, prompt.attention_mask, hooks.logits_processors,
+        hooks.stopping_criteria, prompt.eos_token_ids,
+    )  # fmt: skip
+    _add_stop_strings(config, hooks)
+    thinking = thinking_plan(decode_config, hooks.tokenizer)
+    _check_kv_budget(decode_config, prompt.prompt_lens)
+    speculation = _speculation_plan(
+        model, config, assistant_model, assistant_tokenizer, hooks.tokenizer, decode_config
+    )
+    speculation = _drop_blocked_speculation(speculation, config, hooks, prompt)
+    if embeds_only and thinking is not None:
+        raise Unsupported("inputs_embeds", "without input_ids, with thinking control (it reads the prompt)")
+    longest = int(prompt.prompt_lens.max()) + max_new_tokens + _lookahead(speculation, thinking)
+    _check_rope(model, speculation, longest)
+    input_ids, prompt_lens, inputs_embeds = _expand_returns(model, config, prompt, inputs_embeds)
+    return GenerationRequest(
+        input_ids=input_ids,
+        prompt_lens=prompt_lens,
+        max_new_tokens=max_new_tokens,
+        eos_blocked_until=eos_blocked_until,
+        eos_token_ids=prompt.eos_token_ids,
+        pad_token_id=prompt.pad_token_id,
+        do_sample=bool(config.do_sample),
+        sampling=_sampling_params(config),
+        repetition_penalty=float(config.repetition_penalty or 1.0),
+        logits_processors=hooks.logits_processors,
+        stopping_criteria=hooks.stopping_criteria,
+        streamer=hooks.streamer,
+        max_time=config.max_time,
+        output_scores=bool(config.output_scores),
+        output_logits=bool(config.output_logits),
+        return_dict_in_generate=bool(config.return_dict_in_generate),
+        decode_config=decode_config,
+        speculation=speculation,
+        thinking=thinking,
+        inputs_embeds=inputs_embeds,
+        embeds_only=embeds_only,
+    )
+
+
+def _refuse_unsupported_arguments(kwargs: dict[str, Any]) -> None:
     for name in _UNSUPPORTED_ARGUMENTS:
         value = kwargs.pop(name, None)
         if value is not None and value is not False:
             raise Unsupported(name)
-    check_model_supported(model)
-    check_model_state(model)
 
+
+def _check_lengths(kwargs: dict[str, Any]) -> None:
+    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+        value = kwargs.get(name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _check_rope(model: torch.nn.Module, speculation, longest: int) -> None:
+    """RoPE types whose frequencies change with the sequence length stay with transformers past that."""
+    check_rope_scaling(model, longest)
+    if speculation is not None and speculation.assistant_model is not None:
+        check_rope_scaling(speculation.assistant_model, longest, "assistant_model")
+
+
+def _sampling_params(config) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(config.temperature if config.temperature is not None else 1.0),
+        top_k=config.top_k or None,
+        top_p=config.top_p,
+        min_p=config.min_p,
+    )
+
+
+@dataclass
+class _UserHooks:
+    """The caller's processors, criteria, streamer and tokenizer (stop strings add a criterion)."""
+
+    logits_processors: list
+    stopping_criteria: list
+    streamer: Any
+    tokenizer: Any
+
+
+@dataclass
+class _LengthDefaults:
+    """Whether ``max_length``/``min_length`` were left at their defaults (transformers counts them apart)."""
+
+    max_length: bool
+    min_length: bool
+
+
+@dataclass
+class _Prompt:
+    """The resolved prompt batch on the model's device."""
+
+    input_ids: torch.Tensor  # int64 [B, T0], left-padded
+    attention_mask: torch.Tensor  # [B, T0]
+    prompt_lens: torch.Tensor  # int32 [B]
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+
+
+def _prompt_inputs(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """Check the prompt arguments: ``(input_ids, attention_mask, embeds_only)``.
+
+    With only ``inputs_embeds`` the ids are placeholders and, as transformers does, only new tokens are
+    returned (``embeds_only``). ``input_ids`` None (and no embeddings): transformers generates from BOS.
+    """
     embeds_only = False
     if inputs_embeds is not None:
         if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
             raise ValueError("inputs_embeds must be a float tensor of shape [batch, prompt_len, hidden_size]")
-        if input_ids is None:  # as transformers: the prompt is the embeddings; only new tokens are returned
+        if input_ids is None:
             embeds_only = True
             input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             if attention_mask is None:
@@ -255,31 +376,25 @@ def build_request(
                 f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has shape "
                 f"{tuple(inputs_embeds.shape)}; their first two dimensions must match"
             )
-    if input_ids is not None:  # (None: transformers generates from BOS, below)
+    if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len]")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
-        value = kwargs.get(name)
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    return input_ids, attention_mask, embeds_only
 
-    logits_processors = list(kwargs.pop("logits_processor", None) or [])
-    stopping_criteria = list(kwargs.pop("stopping_criteria", None) or [])
-    streamer = kwargs.pop("streamer", None)
-    tokenizer = kwargs.pop("tokenizer", None)
+
+def _generation_config(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """transformers' resolved ``GenerationConfig`` for the call and the length defaults; refuses (as
+    :class:`Unsupported`) fields and model kwargs effdecode leaves to transformers."""
     generation_config = kwargs.pop("generation_config", None)
-
-    has_default_max_length = (
-        kwargs.get("max_length") is None
+    defaults = _LengthDefaults(
+        max_length=kwargs.get("max_length") is None
         and (generation_config is None or generation_config.max_length is None)
-        and model.generation_config.max_length is None
-    )
-    has_default_min_length = (
-        kwargs.get("min_length") is None
+        and model.generation_config.max_length is None,
+        min_length=kwargs.get("min_length") is None
         and (generation_config is None or generation_config.min_length is None)
-        and model.generation_config.min_length is None
+        and model.generation_config.min_length is None,
     )
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     for name, off_values in _UNSUPPORTED_CONFIG_FIELDS.items():
@@ -290,16 +405,16 @@ def build_request(
         if name not in _IGNORED_MODEL_KWARGS and value is not None:
             raise Unsupported(name)
     _warn_ignored_cache_options(config)
-    if embeds_only:
-        _check_embeds_only(
-            config, logits_processors, stopping_criteria, streamer, assistant_model, has_default_min_length
-        )
+    return config, defaults
 
-    device = model.device
+
+def _prompt(model, config, input_ids, attention_mask) -> _Prompt:
+    """Ids on the model's device (BOS when none), EOS/pad ids, the mask (inferred as transformers does) and
+    each row's prompt length, validated."""
     from_bos = input_ids is None
     if from_bos:  # transformers generates from a [1, 1] BOS prompt
         input_ids = bos_prompt(model, config, attention_mask)
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(model.device)
     eos_token_ids = _as_id_list(config.eos_token_id)
     pad_token_id = config.pad_token_id
     if isinstance(pad_token_id, (list, tuple)):
@@ -308,18 +423,21 @@ def build_request(
         pad_token_id = eos_token_ids[0]
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad_token_id, eos_token_ids)
-    attention_mask = attention_mask.to(device)
+    attention_mask = attention_mask.to(model.device)
     if from_bos and not bool(attention_mask.all()):
         raise Unsupported("input_ids", "none given, and the BOS prompt is masked as padding (bos == pad)")
     vocab_size = model.get_input_embeddings().num_embeddings
     prompt_lens = _validate_prompts(input_ids, attention_mask, vocab_size)
+    return _Prompt(input_ids, attention_mask, prompt_lens, eos_token_ids, pad_token_id)
 
-    prompt_width = input_ids.shape[1]
+
+def _length_limits(model, config, defaults: _LengthDefaults, prompt_width: int) -> tuple[int, int]:
+    """``(max_new_tokens, eos_blocked_until)`` as transformers derives them from the length options."""
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
     else:
         max_length = config.max_length
-        if has_default_max_length:
+        if defaults.max_length:
             max_length = max_length + prompt_width
             max_positions = getattr(model.config, "max_position_embeddings", None)
             if max_positions is not None:
@@ -331,84 +449,54 @@ def build_request(
             )
     if config.min_new_tokens is not None:
         eos_blocked_until = config.min_new_tokens
-    elif config.min_length and not has_default_min_length:
+    elif config.min_length and not defaults.min_length:
         eos_blocked_until = max(0, config.min_length - prompt_width)
     else:
         eos_blocked_until = 0
+    return max_new_tokens, eos_blocked_until
 
-    # Before effdecode adds its own StopStringCriteria to the user's criteria.
-    check_processors_like_transformers(
-        model, config, input_ids, attention_mask, logits_processors, stopping_criteria, eos_token_ids
+
+def _add_stop_strings(config, hooks: _UserHooks) -> None:
+    if config.stop_strings is None:
+        return
+    if hooks.tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
+    from transformers import StopStringCriteria
+
+    hooks.stopping_criteria.append(
+        StopStringCriteria(stop_strings=config.stop_strings, tokenizer=hooks.tokenizer)
     )
-    if config.stop_strings is not None:
-        if tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
-        from transformers import StopStringCriteria
 
-        stopping_criteria.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
 
-    thinking = thinking_plan(decode_config, tokenizer)
-    _check_kv_budget(decode_config, prompt_lens)
-    speculation = _speculation_plan(
-        model, config, assistant_model, assistant_tokenizer, tokenizer, decode_config
+def _drop_blocked_speculation(speculation, config, hooks: _UserHooks, prompt: _Prompt):
+    """``speculation``, or None (with one warning) when an option needs one token per step."""
+    if speculation is None:
+        return None
+    blocker = _speculation_blocker(
+        config, hooks.logits_processors, hooks.stopping_criteria, hooks.streamer, prompt.input_ids.shape[0],
+        prompt.eos_token_ids,
+    )  # fmt: skip
+    if not blocker:
+        return speculation
+    warnings.warn(
+        f"effdecode: speculative decoding is off for this call ({blocker}); decoding without drafts",
+        stacklevel=4,
     )
-    if speculation is not None:
-        blocker = _speculation_blocker(
-            config, logits_processors, stopping_criteria, streamer, input_ids.shape[0], eos_token_ids
-        )
-        if blocker:
-            warnings.warn(
-                f"effdecode: speculative decoding is off for this call ({blocker}); decoding without drafts",
-                stacklevel=3,
-            )
-            speculation = None
+    return None
 
-    if embeds_only and thinking is not None:
-        raise Unsupported("inputs_embeds", "without input_ids, with thinking control (it reads the prompt)")
-    longest = int(prompt_lens.max()) + max_new_tokens + _lookahead(speculation, thinking)
-    check_rope_scaling(model, longest)
-    if speculation is not None and speculation.assistant_model is not None:
-        check_rope_scaling(speculation.assistant_model, longest, "assistant_model")
 
+def _expand_returns(model, config, prompt: _Prompt, inputs_embeds):
+    """Rows repeated ``num_return_sequences`` times: ``(input_ids, prompt_lens, inputs_embeds)``."""
+    input_ids, prompt_lens = prompt.input_ids, prompt.prompt_lens
     num_return = config.num_return_sequences or 1
     if inputs_embeds is not None:
-        inputs_embeds = inputs_embeds.to(device=device, dtype=model.dtype)
+        inputs_embeds = inputs_embeds.to(device=model.device, dtype=model.dtype)
     if num_return > 1:
         input_ids = input_ids.repeat_interleave(num_return, dim=0)
         prompt_lens = prompt_lens.repeat_interleave(num_return, dim=0)
         if inputs_embeds is not None:
             inputs_embeds = inputs_embeds.repeat_interleave(num_return, dim=0)
-
-    do_sample = bool(config.do_sample)
-    sampling = SamplingParams(
-        temperature=float(config.temperature if config.temperature is not None else 1.0),
-        top_k=config.top_k or None,
-        top_p=config.top_p,
-        min_p=config.min_p,
-    )
-    return GenerationRequest(
-        input_ids=input_ids,
-        prompt_lens=prompt_lens,
-        max_new_tokens=max_new_tokens,
-        eos_blocked_until=eos_blocked_until,
-        eos_token_ids=eos_token_ids,
-        pad_token_id=pad_token_id,
-        do_sample=do_sample,
-        sampling=sampling,
-        repetition_penalty=float(config.repetition_penalty or 1.0),
-        logits_processors=logits_processors,
-        stopping_criteria=stopping_criteria,
-        streamer=streamer,
-        max_time=config.max_time,
-        output_scores=bool(config.output_scores),
-        output_logits=bool(config.output_logits),
-        return_dict_in_generate=bool(config.return_dict_in_generate),
-        decode_config=decode_config,
-        speculation=speculation,
-        thinking=thinking,
-        inputs_embeds=inputs_embeds,
-        embeds_only=embeds_only,
-    )
+    return input_ids, prompt_lens, inputs_embeds
 
 
 def _check_embeds_only(
