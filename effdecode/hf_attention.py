@@ -92,6 +92,9 @@ def effdecode_attention(
         raise NotImplementedError("effdecode attention runs inference only (dropout must be 0)")
     layer = module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attend = getattr(step, "attend", None)
+    if attend is not None:  # a compiled step's context (effdecode.generation.compiled) attends itself
+        return attend(layer, query, key, value, scale, kwargs.get("sliding_window")), None
     out = slot_attention(
         query,
         key,

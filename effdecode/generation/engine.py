@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from effdecode.compression.kv_compressor import KVCompressor
+from effdecode.generation.compiled import chooses_in_graph
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput
@@ -61,6 +62,9 @@ def run_generation(
         KVCompressor.capacity_for(config, max_prompt, needed) + probe_room if config.compresses else needed
     )
     cache, graphs = decode_cache(model, config, batch_size, capacity)
+    compile_before = graphs.compile_time_s if graphs is not None else 0.0
+    # Greedy with nothing between the forward and the argmax: a compiled step chooses the tokens itself.
+    choose_in_graph = graphs is not None and graphs.compile and thinking is None and chooses_in_graph(request)
     compressor = (
         KVCompressor(
             config, cache, request.prompt_lens, (lambda: thinking.spans) if thinking is not None else None
@@ -102,6 +106,7 @@ def run_generation(
         # stopping criterion ended keeps generating until every row is done. Mirror that.
         rows_leave = eos_ids.numel() > 0
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        chosen = None  # tokens a compiled step chose with its forward
         step = 0
         width_bound = 0  # host-side upper bound of max(new_tokens)
         while True:
@@ -113,8 +118,11 @@ def run_generation(
             )
             if thinking is not None:
                 logits = thinking.before_choose(logits, rows_long, rows_host)
-            scores = pipeline.process(logits, history, new_tokens[rows_long])
-            next_tokens = pipeline.choose(scores, rows_long)
+            if chosen is not None:
+                scores, next_tokens = logits.float(), chosen
+            else:
+                scores = pipeline.process(logits, history, new_tokens[rows_long])
+                next_tokens = pipeline.choose(scores, rows_long)
             step += 1
             if thinking is None:
                 sequences[rows_long, prompt_width + new_tokens[rows_long]] = next_tokens
@@ -270,8 +278,12 @@ def run_generation(
             if num_cols > 1:
                 columns = torch.arange(num_cols, device=device)[None, :]
                 positions = (positions + columns - (num_cols - q_lens.long())[:, None]).clamp(min=0)
-            logits = None
-            if graphs is not None and num_cols == 1 and step_scores is None:
+            logits = chosen = None
+            if choose_in_graph and num_cols == 1 and step_scores is None:
+                logits, chosen = graphs.run_and_choose(
+                    model, rows, input_ids_step[:, 0], positions[:, 0], backend
+                ) or (None, None)
+            elif graphs is not None and num_cols == 1 and step_scores is None:
                 logits = graphs.run(model, rows, input_ids_step[:, 0], positions[:, 0], backend)
             if logits is None:
                 logits = forward_logits(model, cache, batch, input_ids_step, positions, scores=step_scores)
@@ -311,6 +323,8 @@ def run_generation(
     else:
         stats.kv_peak_tokens = int(cache.cache_lens.max())
     stats.wall_time_s = time.perf_counter() - started
+    if graphs is not None:
+        stats.compile_time_s = graphs.compile_time_s - compile_before
     if not request.return_dict_in_generate:
         return sequences
     return EffdecodeGenerateOutput(

@@ -70,6 +70,7 @@ def run_speculative(
         else capacity
     )
     cache, graphs = decode_cache(model, config, batch_size, target_capacity)
+    compile_before = graphs.compile_time_s if graphs is not None else 0.0
     compressor = (
         KVCompressor(
             config, cache, request.prompt_lens, (lambda: thinking.controller.spans) if thinking else None
@@ -425,6 +426,8 @@ def run_speculative(
         stats.thinking_tokens = thinking.controller.thinking_tokens()
         stats.early_exits = controller.early_exits.tolist()
     stats.wall_time_s = time.perf_counter() - started
+    if graphs is not None:
+        stats.compile_time_s = graphs.compile_time_s - compile_before
     sequences = sequences[:, : prompt_width + longest]
     if not request.return_dict_in_generate:
         return sequences
