@@ -79,7 +79,7 @@ class StaticStepContext:
         self._masks: dict = {}
 
     def _write_plan(self, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(write slots ``[B, T]``, write indices ``[B, T]``, query cache indices ``[B, T]``, valid ``[B, T]``)."""
+        """(write slots, write indices, query cache indices, valid), each ``[B, T]``."""
         if self._plan is None:
             device = self.rows.device
             cols = torch.arange(num_cols, device=device)
@@ -123,19 +123,25 @@ class StaticStepContext:
         batch, q_heads, num_cols, head_dim = query.shape
         kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
         slots, write_index, _, _ = self._write_plan(num_cols)
+        # The KV append writes into the whole cache buffer (a graph input), which inductor keeps in place;
+        # written through the per-layer view it would copy the whole buffer every layer.
         heads = torch.arange(kv_heads, device=query.device)
-        where = (slots[:, :, None], heads[None, None, :], write_index[:, :, None])
-        k_cache.index_put_(where, key.transpose(1, 2).to(k_cache.dtype))
-        v_cache.index_put_(where, value.transpose(1, 2).to(v_cache.dtype))
+        layers = torch.full_like(slots, layer)
+        where = (layers[:, :, None], slots[:, :, None], heads[None, None, :], write_index[:, :, None])
+        self.key_buffer.index_put_(where, key.transpose(1, 2).to(self.key_buffer.dtype))
+        self.value_buffer.index_put_(where, value.transpose(1, 2).to(self.value_buffer.dtype))
+        # Gathered rows and matrix products: written as fused products-and-sums instead, inductor would
+        # recompute the query's RoPE once per key.
         rows = self.rows.long()
+        group = q_heads // kv_heads
         keys = k_cache.index_select(0, rows).to(query.dtype)  # [B, kv_heads, capacity, D]
         values = v_cache.index_select(0, rows).to(query.dtype)
-        q = query.unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, kv_heads, group, T, D]
-        logits = torch.einsum("bkgtd,bknd->bkgtn", q, keys) * scale
+        q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
+        logits = torch.matmul(q, keys.transpose(-1, -2)).unflatten(2, (group, num_cols)) * scale
         mask = self._mask(num_cols, capacity, sliding_window)
         weights = torch.softmax(logits.masked_fill(~mask, _NEG_INF), dim=-1)
-        out = torch.einsum("bkgtn,bknd->bkgtd", weights, values)  # [B, kv_heads, group, T, D]
-        return out.flatten(1, 2).transpose(1, 2)
+        out = torch.matmul(weights.flatten(2, 3), values).unflatten(2, (group, num_cols))
+        return out.flatten(1, 2).transpose(1, 2)  # [B, T, q_heads, D]
 
 
 def _unique_function(function, name: str):
@@ -194,8 +200,15 @@ class CompiledStep:
 
         tag = f"effdecode_step_b{bucket}_t{num_cols}"
         options = dict(fullgraph=True, dynamic=False)
+        keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
+        if keep_tensor_guards is not None:
+            # Every call passes the same static tensors and the same model: the tensor guards (shape, dtype,
+            # device of inputs and weights) are all that can change; evaluating the config/global guards of a
+            # whole HF forward costs more per step than a layer of the compiled model.
+            options["options"] = {"guard_filter_fn": keep_tensor_guards}
         self._forward = torch.compile(_unique_function(forward, tag), **options)
-        self._forward_and_choose = torch.compile(_unique_function(forward_and_choose, tag + "_choose"), **options)
+        choose_function = _unique_function(forward_and_choose, tag + "_choose")
+        self._forward_and_choose = torch.compile(choose_function, **options)
         self._args = (
             self.input_ids, self.positions, self.rows, self.q_lens, cache.cache_lens, cache.key_buffer,
             cache.value_buffer,
@@ -218,7 +231,7 @@ class CompiledStep:
         return self._call(False)
 
     def replay_and_choose(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, in one compiled call."""
+        """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, one compiled call."""
         return self._call(True)
 
 

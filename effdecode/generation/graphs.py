@@ -36,6 +36,11 @@ _CAPACITY_STEP = 256  # capacity is rounded up so that similar calls share the c
 _ATTR = "_effdecode_graphs"
 
 
+def width_for(num_cols: int) -> int:
+    """The compiled step width holding ``num_cols`` query columns: the next power of two."""
+    return 1 << (num_cols - 1).bit_length()
+
+
 def bucket_for(rows: int) -> int | None:
     """The smallest bucket holding ``rows`` rows, or None past the largest (the step then runs eagerly)."""
     for bucket in BUCKETS:
@@ -61,7 +66,8 @@ class _CapturedStep:
         self.compiled = CompiledStep(model, cache, bucket, num_cols, backend) if compiled else None
         if self.compiled is not None:
             c = self.compiled
-            self.input_ids, self.positions, self.rows, self.q_lens = c.input_ids, c.positions, c.rows, c.q_lens
+            self.input_ids, self.positions = c.input_ids, c.positions
+            self.rows, self.q_lens = c.rows, c.q_lens
         else:
             self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
             self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
@@ -157,13 +163,21 @@ class DecodeGraphs:
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
             return None
-        key = (bucket, num_cols, backend) + (("compiled",) if self.compile else ()) + (("choose",) if choose else ())
+        key = (bucket, num_cols, backend)
+        key += (("compiled",) if self.compile else ()) + (("choose",) if choose else ())
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
             try:
                 self.steps[key] = _CapturedStep(
-                    model, self.cache, bucket, num_cols, backend, self.pool, compiled=self.compile, choose=choose
+                    model,
+                    self.cache,
+                    bucket,
+                    num_cols,
+                    backend,
+                    self.pool,
+                    compiled=self.compile,
+                    choose=choose,
                 )
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
@@ -190,7 +204,10 @@ class DecodeGraphs:
         right-aligned with ``q_lens`` int32 ``[B]``; returns every column's logits ``[B, T, V]``.
         """
         step = self._load(model, rows, tokens, positions, backend, q_lens, choose=False)
-        return step.replay()[: rows.shape[0]] if step is not None else None
+        if step is None:
+            return None
+        logits = step.replay()[: rows.shape[0]]
+        return logits if tokens.dim() == 1 else logits[:, step.input_ids.shape[1] - tokens.shape[1] :]
 
     def run_and_choose(
         self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
@@ -212,15 +229,24 @@ class DecodeGraphs:
         """The step for these inputs with its static buffers filled, or None."""
         num_rows = rows.shape[0]
         num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
-        step = self.step(model, num_rows, num_cols, backend, choose=choose)
+        # Compiled verify steps come in widths 2, 4, 8, 16 (rows stay right-aligned, the extra columns are
+        # padding), so that a changing draft length does not compile a step per width.
+        width = num_cols if num_cols == 1 or not self.compile else width_for(num_cols)
+        step = self.step(model, num_rows, width, backend, choose=choose)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
         step.rows[num_rows:].fill_(self.cache.num_slots - 1)  # padding rows write into the scratch slot
-        step.input_ids[:num_rows].copy_(tokens.view(num_rows, num_cols))
-        step.positions[:num_rows].copy_(positions.view(num_rows, num_cols))
+        pad = width - num_cols
+        if pad:
+            step.input_ids[:num_rows, :pad].zero_()
+            step.positions[:num_rows, :pad].zero_()
+        step.input_ids[:num_rows, pad:].copy_(tokens.view(num_rows, num_cols))
+        step.positions[:num_rows, pad:].copy_(positions.view(num_rows, num_cols))
         if q_lens is not None:
             step.q_lens[:num_rows].copy_(q_lens)
+        elif pad:
+            step.q_lens[:num_rows].fill_(num_cols)
         return step
 
     def release(self) -> None:

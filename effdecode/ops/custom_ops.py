@@ -47,9 +47,7 @@ def _extra_attention_args(softcap: float, sinks: torch.Tensor | None) -> dict:
     return extra
 
 
-def _batch(
-    rows: torch.Tensor, cache_lens: torch.Tensor, q_lens: torch.Tensor, kv_len_bound: int, q_full: bool, backend
-) -> SlotBatch:
+def _batch(rows, cache_lens, q_lens, kv_len_bound: int, q_full: bool, backend: str) -> SlotBatch:
     return SlotBatch(rows, cache_lens, q_lens, kv_len_bound=kv_len_bound, backend=backend, q_full=q_full)
 
 
