@@ -22,7 +22,9 @@ def _random_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) -> i
     all_match = True
     for batch_size in args.batch_sizes:
         input_ids, mask = demo_prompts(batch_size, args.prompt_len, args.vocab, device=device)
-        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False)
+        result = run_side_by_side(
+            model, input_ids, mask, _decode_config(args), max_new_tokens=new_tokens, do_sample=False
+        )
         all_match &= result.outputs_match
         print(
             f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
@@ -59,7 +61,9 @@ def _reasoner_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
     all_match = True
     for batch_size in args.batch_sizes:
         _, input_ids, mask = reasoner_prompts(tokenizer, batch_size, seed=args.seed, device=device)
-        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False, **ids)
+        result = run_side_by_side(
+            model, input_ids, mask, _decode_config(args), max_new_tokens=new_tokens, do_sample=False, **ids
+        )
         all_match &= result.outputs_match
         print(
             f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
@@ -87,6 +91,12 @@ def _reasoner_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
             f"{stats.tokens_per_target_forward:.2f} tokens per target forward"
         )
     return 0 if all_match else 1
+
+
+def _decode_config(args: argparse.Namespace):
+    from effdecode.config import DecodeConfig
+
+    return DecodeConfig(compile=args.compile)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -122,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vocab", type=int, default=1024, help="random model only")
     demo.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument(
+        "--compile", action="store_true", help="effdecode runs compiled decode steps (not timing compilation)"
+    )
     demo.set_defaults(handler=_demo)
     from effdecode.eval import add_arguments as add_eval_arguments
 
