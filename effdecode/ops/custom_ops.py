@@ -120,32 +120,40 @@ def _(query, key, value, k_cache, v_cache, rows, cache_lens, q_lens, kv_len_boun
     return query.new_empty((batch, num_cols, q_heads, head_dim))
 
 
+# The kernels that kernels/slot_attention.py launches (helpers called from inside kernels are not wrapped).
+_LAUNCHED_KERNELS = ("_slot_attention_kernel", "_merge_splits_kernel", "_emit_scores_kernel")
+
+
 @contextlib.contextmanager
 def _traceable_kernels() -> Iterator[None]:
     """Within the block, the slot-attention module launches its kernels through ``wrap_triton``.
 
     ``wrap_triton(kernel)[grid](...)`` runs the kernel when called eagerly and becomes a traceable launch
-    under ``triton_op`` tracing, so the launcher is shared with the eager path unchanged.
+    under ``triton_op`` tracing, so the launcher is shared with the eager path unchanged. Under Triton's CPU
+    interpreter the kernels are not ``JITFunction`` objects and ``wrap_triton`` refuses them: they then
+    launch as they are (eager calls work; tracing needs a GPU).
     """
     from effdecode.kernels import slot_attention as module
 
-    names = [name for name, value in vars(module).items() if _is_jit_function(value)]
-    saved = {name: getattr(module, name) for name in names}
+    saved = {
+        name: getattr(module, name) for name in _LAUNCHED_KERNELS if _wrappable(getattr(module, name, None))
+    }
     try:
-        for name in names:
-            setattr(module, name, torch.library.wrap_triton(saved[name]))
+        for name, kernel in saved.items():
+            setattr(module, name, torch.library.wrap_triton(kernel))
         yield
     finally:
         for name, kernel in saved.items():
             setattr(module, name, kernel)
 
 
-def _is_jit_function(value) -> bool:
+def _wrappable(kernel) -> bool:
     try:
+        from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
     except ImportError:  # pragma: no cover - triton missing
         return False
-    return isinstance(value, JITFunction)
+    return isinstance(kernel, (JITFunction, Autotuner))
 
 
 if _HAS_TRITON_OP:
