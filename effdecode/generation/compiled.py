@@ -21,6 +21,13 @@ The compiled function's inputs are the step's static buffers and the cache buffe
 every call, so dynamo's guards hold and nothing recompiles in steady state. Each (bucket, q_len, choice)
 gets its own code object, hence its own dynamo cache entry, so the recompile limit never falls back to eager.
 
+Using it from a decode loop (as :mod:`effdecode.generation.engine` does): ``decode_cache`` returns the
+model's :class:`~effdecode.generation.graphs.DecodeGraphs` with ``graphs.compile`` set, so
+``graphs.run(...)`` runs the compiled step unchanged; where :func:`chooses_in_graph` holds,
+``graphs.run_and_choose(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
+skips its own ``process``/``choose`` for it;
+``stats.compile_time_s`` is the growth of ``graphs.compile_time_s`` over the call.
+
 On CUDA the compiled function is what the step's CUDA graph captures (our own capture, as for eager steps,
 rather than inductor's ``mode="reduce-overhead"``): the static buffers and the graph memory pool are already
 ours, replay needs no input copies or cudagraph-tree bookkeeping, and the eager and compiled paths keep one
