@@ -57,6 +57,15 @@ def test_compile_config_is_validated():
         DecodeConfig(compile="yes")
 
 
+def test_compile_flags_reach_decode_config():
+    from effdecode.cli import _decode_config, build_parser
+    from effdecode.eval import options_from_args
+
+    assert options_from_args(build_parser().parse_args(["eval", "--compile"])).decode_config().compile
+    assert not options_from_args(build_parser().parse_args(["eval"])).decode_config().compile
+    assert _decode_config(build_parser().parse_args(["demo", "--compile"])).compile
+
+
 def test_width_for():
     assert [width_for(n) for n in (2, 3, 4, 5, 8, 9, 16)] == [2, 4, 4, 8, 8, 16, 16]
 
