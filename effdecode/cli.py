@@ -24,7 +24,9 @@ def _random_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) -> i
     all_match = True
     for batch_size in args.batch_sizes:
         input_ids, mask = demo_prompts(batch_size, args.prompt_len, args.vocab, device=device)
-        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False)
+        result = run_side_by_side(
+            model, input_ids, mask, _decode_config(args), max_new_tokens=new_tokens, do_sample=False
+        )
         all_match &= result.outputs_match
         print(
             f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
@@ -61,7 +63,9 @@ def _reasoner_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
     all_match = True
     for batch_size in args.batch_sizes:
         _, input_ids, mask = reasoner_prompts(tokenizer, batch_size, seed=args.seed, device=device)
-        result = run_side_by_side(model, input_ids, mask, max_new_tokens=new_tokens, do_sample=False, **ids)
+        result = run_side_by_side(
+            model, input_ids, mask, _decode_config(args), max_new_tokens=new_tokens, do_sample=False, **ids
+        )
         all_match &= result.outputs_match
         print(
             f"{batch_size:>5}  {result.hf_tokens_per_s:>9.0f}  {result.effdecode_tokens_per_s:>15.0f}  "
@@ -89,6 +93,12 @@ def _reasoner_demo(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
             f"{stats.tokens_per_target_forward:.2f} tokens per target forward"
         )
     return 0 if all_match else 1
+
+
+def _decode_config(args: argparse.Namespace):
+    from effdecode.config import DecodeConfig
+
+    return DecodeConfig(compile=args.compile)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -150,6 +160,11 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     )
     demo.add_argument(
         "--device", type=device, default=None, help="cpu or cuda (default: cuda when available, else cpu)"
+    )
+    demo.add_argument(
+        "--compile",
+        action="store_true",
+        help="effdecode runs compiled decode steps (compilation is not timed as decoding)",
     )
 
 

@@ -47,6 +47,13 @@ class DecodeConfig:
         model across calls (``unpatch`` frees them). None: the default, off until the capture has been
         checked on a GPU (``GRAPHS_BY_DEFAULT``; the issue asks for on-by-default on CUDA). Steps that emit
         attention scores, prefill, draft-model and DEER probe forwards run eagerly.
+    compile : bool
+        Run the steady-state steps (decode, q_len 1; speculative verify, q_len 1 + k) as
+        ``torch.compile(fullgraph=True, dynamic=False)`` functions over static buffers, one per (row bucket,
+        q_len), kept on the model across calls (``unpatch`` frees them); on CUDA the compiled step is what the
+        step's CUDA graph captures. The first step of each bucket compiles (seconds to a minute), reported as
+        ``stats.compile_time_s`` and left out of ``stats.tokens_per_s``. Greedy plain decoding also takes the
+        token choice into the compiled step. Steps that emit attention scores and prefill run eagerly.
     kv_budget : int, optional
         KV entries a row keeps per layer after a compaction; None keeps everything. A row holds at most
         ``kv_budget + compress_every`` entries (the cache is allocated for that; only a prompt longer than
@@ -99,6 +106,7 @@ class DecodeConfig:
     attn_backend: str = "auto"
     draft_length: str | None = None
     cuda_graphs: bool | None = None
+    compile: bool = False
     kv_budget: int | None = None
     kv_policy: str = "streaming"
     kv_window: int = 32
@@ -121,6 +129,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"DecodeConfig.attn_backend={self.attn_backend!r}; expected one of {BACKENDS}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"DecodeConfig.compile={self.compile!r}; expected True or False")
         if self.draft_length not in (None, "adaptive"):
             raise ValueError(f"DecodeConfig.draft_length={self.draft_length!r}; expected None or 'adaptive'")
         if self.kv_policy not in KV_POLICIES:

@@ -93,24 +93,35 @@ def _timed(fn) -> tuple[object, float]:
 
 
 def run_side_by_side(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    decode_config=None,
+    **generate_kwargs,
 ) -> SideBySide:
     """Run HF ``generate`` and :func:`effdecode.generate` once each (after a short warm-up) and compare.
 
     ``new_tokens`` counts generated tokens before each row's end (EOS included), the same for both engines
-    when their outputs match.
+    when their outputs match. ``decode_config`` goes to effdecode only; time it spends compiling steps
+    (``DecodeConfig(compile=True)``) is not counted.
     """
     warmup = dict(generate_kwargs, max_new_tokens=2)
     model.generate(input_ids, attention_mask=attention_mask, **warmup)
-    effdecode.generate(model, input_ids, attention_mask=attention_mask, **warmup)
+    effdecode.generate(model, input_ids, attention_mask=attention_mask, decode_config=decode_config, **warmup)
     expected, hf_seconds = _timed(
         lambda: model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
     )
     actual, effdecode_seconds = _timed(
         lambda: effdecode.generate(
-            model, input_ids, attention_mask=attention_mask, return_dict_in_generate=True, **generate_kwargs
+            model,
+            input_ids,
+            attention_mask=attention_mask,
+            return_dict_in_generate=True,
+            decode_config=decode_config,
+            **generate_kwargs,
         )
     )
+    effdecode_seconds -= actual.stats.compile_time_s
     return SideBySide(
         batch_size=input_ids.shape[0],
         new_tokens=actual.stats.total_new_tokens,

@@ -107,6 +107,12 @@ def effdecode_attention(
     # Families pass their own scale: Gemma's query_pre_attn_scalar ** -0.5, Granite's attention_multiplier.
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
+    attend = getattr(step, "attend", None)
+    if attend is not None:  # a compiled step's context (effdecode.generation.compiled) attends itself
+        softcap = None if softcap is None else float(softcap)
+        return attend(
+            layer, query, key, value, scale, kwargs.get("sliding_window"), softcap, kwargs.get("s_aux")
+        ), None
     out = slot_attention(
         query,
         key,

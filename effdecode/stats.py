@@ -20,7 +20,10 @@ class GenerationStats:
     kv_peak_bytes : int
         Bytes of the KV cache buffers allocated for the call (all layers, keys and values).
     wall_time_s : float
-        Wall-clock time of the call, prefill included.
+        Wall-clock time of the call, prefill and compilation included.
+    compile_time_s : float
+        Part of ``wall_time_s`` spent compiling steps (``DecodeConfig(compile=True)``; 0 once every step the
+        call used was compiled by an earlier call).
     draft_forwards : int
         Forward passes of the draft model (speculative decoding with ``assistant_model``), prefill included.
     proposed_draft_tokens, accepted_draft_tokens : list[int]
@@ -41,6 +44,7 @@ class GenerationStats:
     kv_peak_tokens: int = 0
     kv_peak_bytes: int = 0
     wall_time_s: float = 0.0
+    compile_time_s: float = 0.0
     draft_forwards: int = 0
     proposed_draft_tokens: list[int] = field(default_factory=list)
     accepted_draft_tokens: list[int] = field(default_factory=list)
@@ -67,5 +71,6 @@ class GenerationStats:
 
     @property
     def tokens_per_s(self) -> float:
-        """Generated tokens per second of wall time over all rows."""
-        return self.total_new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        """Generated tokens per second of wall time over all rows, compilation excluded."""
+        seconds = self.wall_time_s - self.compile_time_s
+        return self.total_new_tokens / seconds if seconds > 0 else 0.0

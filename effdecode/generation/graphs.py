@@ -30,12 +30,18 @@ import warnings
 import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
+from effdecode.generation.compiled import CompiledStep
 from effdecode.generation.steps import forward_logits
 from effdecode.ops.attention import SlotBatch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _CAPACITY_STEP = 256  # capacity is rounded up so that similar calls share the cache and the graphs
 _ATTR = "_effdecode_graphs"
+
+
+def width_for(num_cols: int) -> int:
+    """The compiled step width holding ``num_cols`` query columns: the next power of two."""
+    return 1 << (num_cols - 1).bit_length()
 
 
 def bucket_for(rows: int) -> int | None:
@@ -70,17 +76,31 @@ def unused_slots(rows: torch.Tensor, num_slots: int, count: int) -> torch.Tensor
 
 
 class _CapturedStep:
-    """Static inputs/outputs of one (bucket, q_len) and its graph (or, without CUDA, an eager stand-in)."""
+    """Static inputs/outputs of one (bucket, q_len) and its graph (or, without CUDA, an eager stand-in).
 
-    def __init__(self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool) -> None:
+    With ``compiled`` the step is a :class:`~effdecode.generation.compiled.CompiledStep` (its buffers are the
+    static ones) and the graph captures the compiled function. With ``choose`` the step also returns the
+    greedy tokens (in the compiled graph when compiled).
+    """
+
+    def __init__(
+        self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool,
+        compiled: bool = False, choose: bool = False,
+    ) -> None:  # fmt: skip
         device = cache.device
-        self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
-        self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
-        # Until the first run fills them: distinct slots that write nothing (warm-up and capture).
-        self.rows = torch.arange(bucket, dtype=torch.int32, device=device)
-        self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
+        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend) if compiled else None
+        if self.compiled is not None:  # the compiled step owns the static buffers (same initial values)
+            c = self.compiled
+            self.input_ids, self.positions = c.input_ids, c.positions
+            self.rows, self.q_lens = c.rows, c.q_lens
+        else:
+            self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
+            self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
+            # Until the first run fills them: distinct slots that write nothing (warm-up and capture).
+            self.rows = torch.arange(bucket, dtype=torch.int32, device=device)
+            self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
 
-        def step() -> torch.Tensor:
+        def forward() -> torch.Tensor:
             batch = SlotBatch(
                 self.rows,
                 cache.cache_lens,
@@ -93,10 +113,16 @@ class _CapturedStep:
                 model, cache, batch, self.input_ids, self.positions, last_only=num_cols == 1
             )
 
+        if self.compiled is not None:
+            step = self.compiled.replay_and_choose if choose else self.compiled.replay
+        elif choose:
+            step = lambda: (lambda logits: (logits, logits.float().argmax(dim=-1)))(forward())  # noqa: E731
+        else:
+            step = forward
         self._step = step
         self.graph = None
         if device.type == "cuda":
-            # Warm up on a side stream (allocator, autotuning, lazy inits), then capture.
+            # Warm up on a side stream (allocator, autotuning, lazy inits, compilation), then capture.
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -105,16 +131,17 @@ class _CapturedStep:
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = step()
+                self.output = step()
         else:
-            self.logits = step()
+            self.output = None  # computed by each replay
 
-    def replay(self) -> torch.Tensor:
+    def replay(self):
+        """The step's output: logits ``[bucket, V]`` / ``[bucket, T, V]``, or (logits, tokens) with choose."""
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.logits = self._step()
-        return self.logits
+            self.output = self._step()
+        return self.output
 
 
 class DecodeGraphs:
@@ -126,6 +153,7 @@ class DecodeGraphs:
         self.pool = None
         self.captures = 0  # graphs captured over the model's life (tests, stats)
         self.broken: str | None = None  # why capture failed; the model then decodes eagerly
+        self.compile = False  # steps are compiled (DecodeConfig.compile of the current call)
 
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
@@ -149,17 +177,34 @@ class DecodeGraphs:
         cache.positions.zero_()
         return cache
 
-    def step(self, model, rows: int, num_cols: int, backend: str) -> _CapturedStep | None:
+    @property
+    def compile_time_s(self) -> float:
+        """Seconds spent compiling the steps alive now (their first calls)."""
+        return sum(step.compiled.compile_time_s for step in self.steps.values() if step.compiled is not None)
+
+    def step(
+        self, model, rows: int, num_cols: int, backend: str, choose: bool = False
+    ) -> _CapturedStep | None:
         """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None."""
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
             return None
         key = (bucket, num_cols, backend)
+        key += (("compiled",) if self.compile else ()) + (("choose",) if choose else ())
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
             try:
-                self.steps[key] = _CapturedStep(model, self.cache, bucket, num_cols, backend, self.pool)
+                self.steps[key] = _CapturedStep(
+                    model,
+                    self.cache,
+                    bucket,
+                    num_cols,
+                    backend,
+                    self.pool,
+                    compiled=self.compile,
+                    choose=choose,
+                )
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
                 warnings.warn(
@@ -184,14 +229,45 @@ class DecodeGraphs:
         Decode: ``tokens``/``positions`` int64 ``[B]``; returns logits ``[B, V]``. Verify: ``[B, T]``
         right-aligned with ``q_lens`` int32 ``[B]``; returns every column's logits ``[B, T, V]``.
         """
+        step = self._load(model, rows, tokens, positions, backend, q_lens, choose=False)
+        if step is None:
+            return None
+        logits = step.replay()[: rows.shape[0]]
+        return logits if tokens.dim() == 1 else logits[:, step.input_ids.shape[1] - tokens.shape[1] :]
+
+    def run_and_choose(
+        self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step that also picks each row's greedy token (inside the compiled graph when compiled).
+
+        ``tokens``/``positions`` int64 ``[B]``; returns (logits ``[B, V]``, tokens int64 ``[B]``, the argmax
+        of the float32 logits), or None if no bucket holds the rows. For greedy decoding without logits
+        processing (nothing between the forward and the argmax).
+        """
+        step = self._load(model, rows, tokens, positions, backend, None, choose=True)
+        if step is None:
+            return None
+        logits, chosen = step.replay()
+        num_rows = rows.shape[0]
+        return logits[:num_rows], chosen[:num_rows]
+
+    def _load(self, model, rows, tokens, positions, backend, q_lens, choose: bool) -> _CapturedStep | None:
+        """The step for these inputs with its static buffers filled, or None."""
         num_rows = rows.shape[0]
         num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
-        step = self.step(model, num_rows, num_cols, backend)
+        # Compiled verify steps come in widths 2, 4, 8, 16 (rows stay right-aligned, the extra columns are
+        # padding), so that a changing draft length does not compile a step per width.
+        width = num_cols if num_cols == 1 or not self.compile else width_for(num_cols)
+        step = self.step(model, num_rows, width, backend, choose=choose)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
-        step.input_ids[:num_rows].copy_(tokens.view(num_rows, num_cols))
-        step.positions[:num_rows].copy_(positions.view(num_rows, num_cols))
+        pad = width - num_cols
+        if pad:
+            step.input_ids[:num_rows, :pad].zero_()
+            step.positions[:num_rows, :pad].zero_()
+        step.input_ids[:num_rows, pad:].copy_(tokens.view(num_rows, num_cols))
+        step.positions[:num_rows, pad:].copy_(positions.view(num_rows, num_cols))
         if q_lens is not None:
             step.q_lens[:num_rows].copy_(q_lens)
         else:
@@ -200,7 +276,7 @@ class DecodeGraphs:
         if padding:
             step.rows[num_rows:].copy_(unused_slots(rows, self.cache.num_slots, padding))
             step.q_lens[num_rows:].zero_()  # padding rows write nothing and attend to nothing
-        return step.replay()[:num_rows]
+        return step
 
     def release(self) -> None:
         """Drop the graphs and the cache (their memory returns to the allocator)."""
@@ -219,8 +295,9 @@ def decode_cache(
     """
     device = model.device
     geometry = KVGeometry.from_model(model)  # the rank's own KV heads under tensor parallel
-    if config.graphs_on(device) and not (config.compresses and config.kv_policy == "h2o"):
+    if (config.graphs_on(device) or config.compile) and not (config.compresses and config.kv_policy == "h2o"):
         graphs = graphs_of(model)
+        graphs.compile = config.compile
         return graphs.cache_for(model, geometry, rows, capacity, model.dtype, device), graphs
     return SlotKVCache(geometry, rows, capacity, model.dtype, device), None
 

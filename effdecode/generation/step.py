@@ -14,6 +14,7 @@ import torch
 
 from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.distributed import agree_any, tp_group
+from effdecode.generation.compiled import chooses_in_graph
 from effdecode.generation.compressing import Compression
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
@@ -72,6 +73,9 @@ class DecodeCall:
             capacity = KVCompressor.capacity_for(config, max_prompt, needed) + probe_room
         cache, graphs = decode_cache(model, config, batch_size, capacity)
         self.target = TargetModel(model, cache, graphs, config.attn_backend)
+        self.compile_before = graphs.compile_time_s if graphs is not None else 0.0
+        # Greedy with nothing between the forward and the argmax: a compiled step chooses the tokens itself.
+        self.choose_in_graph = config.compile and thinking is None and chooses_in_graph(request)
         self.compression = (
             Compression(config, cache, request.prompt_lens, thinking) if config.compresses else None
         )
@@ -335,8 +339,9 @@ class DecodeCall:
         )
         logits = self.target.forward(
             state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound,
-            state.rows.shape[0] == state.batch_size, plan.scores, plan.last_only,
+            state.rows.shape[0] == state.batch_size, plan.scores, plan.last_only, self.choose_in_graph,
         )  # fmt: skip
+        plan.chosen = self.target.chosen
         state.forwards += 1
         return logits
 
@@ -352,7 +357,10 @@ class DecodeCall:
                 probe, probe_logits, state.rows_long, state.rows_host, state.new_tokens, self.target.cache,
                 self.pipeline, history,
             )  # fmt: skip
-        if plan.last_only:
+        if plan.chosen is not None:  # the compiled step's argmax is exactly process + choose here
+            ones = state.ones[: logits.shape[0]]
+            emission = Emission(plan.chosen[:, None], ones, scores=logits.float(), logits=logits)
+        elif plan.last_only:
             emission = self._choose_one(logits, history)
         else:
             emission = Emission(*self._verify(plan, logits))
@@ -433,6 +441,9 @@ class DecodeCall:
             stats.thinking_tokens = self.thinking.thinking_tokens()
             stats.early_exits = self.thinking.early_exits.tolist()
         stats.wall_time_s = time.perf_counter() - started
+        graphs = self.target.graphs
+        if graphs is not None:
+            stats.compile_time_s = graphs.compile_time_s - self.compile_before
         if not self.request.return_dict_in_generate:
             return sequences
         outputs = self.outputs

@@ -35,6 +35,7 @@ class TargetModel:
         self.cache = cache
         self.graphs = graphs
         self.backend = backend
+        self.chosen: torch.Tensor | None = None  # int64 [R]: greedy tokens the last forward chose in-graph
 
     def prefill(
         self,
@@ -57,6 +58,7 @@ class TargetModel:
         leading: bool,
         scores: list | None = None,
         last_only: bool = True,
+        choose: bool = False,
     ) -> torch.Tensor:
         """Logits of one step: the last column's ``[R, V]`` (``last_only``), else all columns' ``[R, T, V]``.
 
@@ -74,10 +76,19 @@ class TargetModel:
             ``rows`` is ``arange(R)`` (lets the attention op skip the gather).
         scores : list of torch.Tensor, optional
             Attention-score buffers of the eviction policy (such forwards run eagerly).
+        choose : bool
+            A one-token step may pick each row's greedy token in its compiled graph (``self.chosen``, else
+            None); only where nothing stands between the forward and the argmax (``chooses_in_graph``).
         """
         num_cols = input_ids.shape[1]
+        self.chosen = None
         if self.graphs is not None and scores is None:
-            if num_cols == 1:
+            if num_cols == 1 and choose and self.graphs.compile:
+                out = self.graphs.run_and_choose(
+                    self.model, rows, input_ids[:, 0], positions[:, 0], self.backend
+                )
+                logits, self.chosen = out if out is not None else (None, None)
+            elif num_cols == 1:
                 logits = self.graphs.run(self.model, rows, input_ids[:, 0], positions[:, 0], self.backend)
             else:
                 logits = self.graphs.run(self.model, rows, input_ids, positions, self.backend, q_lens=q_lens)

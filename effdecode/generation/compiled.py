@@ -1,0 +1,278 @@
+"""The compiled decode step: ``torch.compile(fullgraph=True, dynamic=False)`` over the static-buffer step.
+
+:mod:`effdecode.generation.graphs` already runs steady-state steps (decode, q_len 1; speculative verify,
+q_len 1 + k) as fixed-shape functions of static buffers, one per (row bucket, q_len). With
+``DecodeConfig(compile=True)`` each such step is compiled once, reused by every later ``generate`` of the
+model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF forward one graph:
+
+- The step passes a :class:`StaticStepContext` down the forward's kwargs instead of the eager
+  :class:`~effdecode.hf_attention.StepContext`; the attention function hands the work to its :meth:`attend`,
+  which dynamo traces: no host-side facts computed per step, no data-dependent shapes (every row has the
+  bucket's ``T`` columns; padding columns, and every column of a padding row (``q_len`` 0, its own unused
+  slot as in :mod:`~effdecode.generation.graphs`), write into the scratch slot, the cache's last, which no
+  real row ever holds (a cache has a slot more than its largest bucket), so a padding row leaves its slot
+  as it was), and the key range is the whole capacity (masked by each row's own length).
+- Attention itself is either our custom op (``effdecode::slot_attention``, or its ``triton_op`` twin on CUDA,
+  see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
+  inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
+  reference costs more per layer than the whole compiled layer).
+- Optionally the token choice is part of the graph (:meth:`CompiledStep.run_and_choose`, greedy): a plain
+  decode step is then one compiled call and the loop's one host copy.
+
+The compiled function's inputs are the step's static buffers and the cache buffers, all the same tensors on
+every call, so dynamo's guards hold and nothing recompiles in steady state. Each (bucket, q_len, choice)
+gets its own code object, hence its own dynamo cache entry, so the recompile limit never falls back to eager.
+
+Using it from the decode loop (as :mod:`effdecode.generation.target` and :mod:`effdecode.generation.step`
+do): ``decode_cache`` returns the
+model's :class:`~effdecode.generation.graphs.DecodeGraphs` with ``graphs.compile`` set, so
+``graphs.run(...)`` runs the compiled step unchanged; where :func:`chooses_in_graph` holds,
+``graphs.run_and_choose(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
+skips its own ``process``/``choose`` for it;
+``stats.compile_time_s`` is the growth of ``graphs.compile_time_s`` over the call.
+
+On CUDA the compiled function is what the step's CUDA graph captures (our own capture, as for eager steps,
+rather than inductor's ``mode="reduce-overhead"``): the static buffers and the graph memory pool are already
+ours, replay needs no input copies or cudagraph-tree bookkeeping, and the eager and compiled paths keep one
+capture mechanism.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import torch
+
+from effdecode.hf_attention import STEP_KWARG
+from effdecode.ops import custom_ops
+from effdecode.ops.backend import resolve_backend
+
+_NEG_INF = float("-inf")
+
+
+class StaticStepContext:
+    """What a compiled step's attention layers read: the cache buffers and the step's batch, as tensors.
+
+    Parameters
+    ----------
+    key_buffer, value_buffer : torch.Tensor
+        ``[layers, slots, kv_heads, capacity, head_dim]``, the slot cache.
+    rows : torch.Tensor
+        int32 ``[B]`` slots (padding rows: distinct slots no real row of the step uses).
+    cache_lens : torch.Tensor
+        int32 ``[slots]``, entries per slot before the step.
+    q_lens : torch.Tensor
+        int32 ``[B]``, valid right-aligned columns per row (padding rows: 0).
+    scratch : int
+        The scratch slot, the cache's last (padding columns and q_len-0 rows write there, nowhere else).
+    backend : str
+        The requested attention backend; ``resolved`` the implementation it resolves to on this device.
+    inline : bool
+        Attention written inline (torch math traced by dynamo) rather than through the custom op.
+    """
+
+    def __init__(
+        self, key_buffer, value_buffer, rows, cache_lens, q_lens, scratch: int, backend: str, resolved: str,
+        inline: bool,
+    ) -> None:  # fmt: skip
+        self.key_buffer = key_buffer
+        self.value_buffer = value_buffer
+        self.rows = rows
+        self.cache_lens = cache_lens
+        self.q_lens = q_lens
+        self.scratch = scratch
+        self.backend = backend
+        self.resolved = resolved
+        self.inline = inline
+        self._plan: tuple | None = None
+        self._masks: dict = {}
+
+    def _write_plan(self, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(write slots, write indices, query cache indices, valid), each ``[B, T]``."""
+        if self._plan is None:
+            device = self.rows.device
+            cols = torch.arange(num_cols, device=device)
+            rows = self.rows.long()
+            pad = (num_cols - self.q_lens).long()
+            index = self.cache_lens.index_select(0, rows).long()[:, None] + cols[None, :] - pad[:, None]
+            valid = cols[None, :] >= pad[:, None]
+            slots = torch.where(valid, rows[:, None], self.scratch)
+            write_index = torch.where(valid, index, cols[None, :])
+            self._plan = (slots, write_index, index, valid)
+        return self._plan
+
+    def _mask(self, num_cols: int, capacity: int, sliding_window: int | None) -> torch.Tensor:
+        """Boolean ``[B, 1, 1, T, capacity]``: keys each query column sees (padding columns: key 0 only)."""
+        if sliding_window not in self._masks:
+            _, _, index, valid = self._write_plan(num_cols)
+            keys = torch.arange(capacity, device=index.device)
+            visible = keys[None, None, :] <= index[:, :, None]
+            if sliding_window is not None:
+                visible = visible & (keys[None, None, :] > index[:, :, None] - sliding_window)
+            visible = torch.where(valid[:, :, None], visible, keys[None, None, :] == 0)
+            self._masks[sliding_window] = visible[:, None, None]
+        return self._masks[sliding_window]
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append ``key``/``value`` and attend; ``query`` ``[B, q_heads, T, D]`` -> ``[B, T, q_heads, D]``.
+
+        ``softcap`` caps the logits (``softcap * tanh(logits / softcap)``); ``sinks`` float ``[q_heads]``
+        are per-head attention-sink logits (a softmax column no value stands behind).
+        """
+        k_cache, v_cache = self.key_buffer[layer], self.value_buffer[layer]
+        if not self.inline:
+            return custom_ops.attend(
+                query, key, value, k_cache, v_cache, self.rows, self.cache_lens, self.q_lens,
+                k_cache.shape[2], scale, sliding_window, None, False, self.backend, self.resolved,
+                softcap, sinks,
+            )  # fmt: skip
+        batch, q_heads, num_cols, head_dim = query.shape
+        kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+        slots, write_index, _, _ = self._write_plan(num_cols)
+        # The KV append writes into the whole cache buffer (a graph input), which inductor keeps in place;
+        # written through the per-layer view it would copy the whole buffer every layer.
+        heads = torch.arange(kv_heads, device=query.device)
+        layers = torch.full_like(slots, layer)
+        where = (layers[:, :, None], slots[:, :, None], heads[None, None, :], write_index[:, :, None])
+        self.key_buffer.index_put_(where, key.transpose(1, 2).to(self.key_buffer.dtype))
+        self.value_buffer.index_put_(where, value.transpose(1, 2).to(self.value_buffer.dtype))
+        # Gathered rows and matrix products: written as fused products-and-sums instead, inductor would
+        # recompute the query's RoPE once per key.
+        rows = self.rows.long()
+        group = q_heads // kv_heads
+        keys = k_cache.index_select(0, rows).to(query.dtype)  # [B, kv_heads, capacity, D]
+        values = v_cache.index_select(0, rows).to(query.dtype)
+        q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
+        logits = torch.matmul(q, keys.transpose(-1, -2)).unflatten(2, (group, num_cols)) * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~self._mask(num_cols, capacity, sliding_window), _NEG_INF)
+        if sinks is not None:  # [B, kv_heads, group, T, capacity + 1], the sink column dropped after softmax
+            sink = sinks.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
+            logits = torch.cat([logits, sink], dim=-1)
+        weights = torch.softmax(logits, dim=-1)[..., :capacity]
+        out = torch.matmul(weights.flatten(2, 3), values).unflatten(2, (group, num_cols))
+        return out.flatten(1, 2).transpose(1, 2)  # [B, T, q_heads, D]
+
+
+def _unique_function(function, name: str):
+    """A copy of ``function`` with its own code object (dynamo keeps one cache per code object)."""
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+
+
+class CompiledStep:
+    """One (row bucket, q_len) step compiled over static buffers; see the module docstring.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The HF model (routed through effdecode's attention while the step runs).
+    cache : SlotKVCache
+        The model's persistent cache (its last slot is the scratch slot).
+    bucket, num_cols : int
+        Rows and query columns of the step.
+    backend : str
+        ``DecodeConfig.attn_backend``.
+    """
+
+    def __init__(self, model, cache, bucket: int, num_cols: int, backend: str) -> None:
+        device = cache.device
+        self.cache = cache
+        self.bucket = bucket
+        self.num_cols = num_cols
+        scratch = cache.num_slots - 1  # never a real row's: slots in use < batch size <= num_slots - 1
+        self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
+        self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
+        # Until the first run fills them: distinct slots that write nothing (as the eager captured step).
+        self.rows = torch.arange(bucket, dtype=torch.int32, device=device)
+        self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
+        resolved = resolve_backend(backend, device, has_cuda_op=False, has_triton_op=True)
+        inline = resolved == "torch" and INLINE_TORCH_ATTENTION
+        last_only = num_cols == 1
+        self.compile_time_s = 0.0
+        self.calls = 0
+
+        def forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer):
+            context = StaticStepContext(
+                key_buffer, value_buffer, rows, cache_lens, q_lens, scratch, backend, resolved, inline
+            )
+            outputs = model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1 if last_only else 0,
+                **{STEP_KWARG: context},
+            )
+            return outputs.logits[:, -1] if last_only else outputs.logits
+
+        def forward_and_choose(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer):
+            logits = forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer)
+            return logits, logits.float().argmax(dim=-1)
+
+        tag = f"effdecode_step_b{bucket}_t{num_cols}"
+        options = dict(fullgraph=True, dynamic=False)
+        keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
+        if keep_tensor_guards is not None:
+            # Every call passes the same static tensors and the same model: the tensor guards (shape, dtype,
+            # device of inputs and weights) are all that can change; evaluating the config/global guards of a
+            # whole HF forward costs more per step than a layer of the compiled model.
+            options["options"] = {"guard_filter_fn": keep_tensor_guards}
+        self._forward = torch.compile(_unique_function(forward, tag), **options)
+        choose_function = _unique_function(forward_and_choose, tag + "_choose")
+        self._forward_and_choose = torch.compile(choose_function, **options)
+        self._args = (
+            self.input_ids, self.positions, self.rows, self.q_lens, cache.cache_lens, cache.key_buffer,
+            cache.value_buffer,
+        )  # fmt: skip
+        self._warm: set[bool] = set()
+
+    def _call(self, choose: bool):
+        function = self._forward_and_choose if choose else self._forward
+        if choose not in self._warm:  # the first call compiles: timed, reported apart from decoding
+            started = time.perf_counter()
+            result = function(*self._args)
+            self.compile_time_s += time.perf_counter() - started
+            self._warm.add(choose)
+            return result
+        self.calls += 1
+        return function(*self._args)
+
+    def replay(self) -> torch.Tensor:
+        """Logits of the step's static inputs: ``[bucket, V]`` (q_len 1) or ``[bucket, T, V]``."""
+        return self._call(False)
+
+    def replay_and_choose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, one compiled call."""
+        return self._call(True)
+
+
+# The torch implementation of attention inside a compiled step is written inline (traced and fused) rather
+# than called as the opaque custom op; tests switch it off to check the custom op path compiles too.
+INLINE_TORCH_ATTENTION = True
+
+
+def chooses_in_graph(request) -> bool:
+    """Whether a plain decode step's token choice can be the compiled step's argmax of its float32 logits.
+
+    Greedy, with no logits processing (no repetition penalty, no EOS blocking, no user processors) and no
+    processed scores to return: then ``LogitsPipeline.process`` + ``choose`` is exactly that argmax.
+    """
+    return (
+        not request.do_sample
+        and request.repetition_penalty == 1.0
+        and not request.logits_processors
+        and request.eos_blocked_until <= 0
+        and not request.output_scores
+    )
