@@ -285,3 +285,25 @@ def test_compiled_matrix_equals_eager(family, batch, mode):
     assert _graph_breaks() == breaks
     assert any(step.compiled is not None for step in graphs_of(model).steps.values())
     release_graphs(model)
+
+
+def test_a_model_dynamo_cannot_trace_falls_back_to_eager_steps():
+    """MoE expert routing has data-dependent shapes that fullgraph compilation refuses: the call warns once
+    and decodes eagerly, with the same tokens."""
+    import warnings
+
+    from tiny_models import ragged_prompts, tiny_family_model
+
+    model = tiny_family_model("qwen3_moe", torch.float64, seed=0)
+    ids, mask = ragged_prompts(2, 5, seed=1, vocab=model.config.vocab_size)
+    eager = effdecode.generate(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = effdecode.generate(
+            model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+            decode_config=DecodeConfig(compile=True),
+        )  # fmt: skip
+    effdecode.unpatch(model)  # frees the graphs
+    assert torch.equal(eager, compiled)
+    failed = [w for w in caught if "compiling the decode step failed" in str(w.message)]
+    assert len(failed) == 1

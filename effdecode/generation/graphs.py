@@ -134,6 +134,10 @@ class _CapturedStep:
                 self.output = step()
         else:
             self.output = None  # computed by each replay
+            if self.compiled is not None:
+                # Compile now, on the warm-up inputs (q_len 0: nothing is written), so that a model dynamo
+                # cannot trace (MoE expert routing, for one) falls back to eager steps with the warning below.
+                step()
 
     def replay(self):
         """The step's output: logits ``[bucket, V]`` / ``[bucket, T, V]``, or (logits, tokens) with choose."""
@@ -208,7 +212,8 @@ class DecodeGraphs:
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
                 warnings.warn(
-                    f"effdecode: CUDA graph capture failed ({self.broken}); decoding without graphs",
+                    f"effdecode: capturing or compiling the decode step failed ({self.broken}); decoding "
+                    "eagerly",
                     stacklevel=2,
                 )
                 return None
