@@ -25,7 +25,8 @@ def generate(
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A causal LM (Llama, Mistral, Qwen2, Qwen3 families).
+        A causal LM of a supported family (`effdecode.families.SUPPORTED`: Llama, Qwen2/3, Mistral, Gemma 2/3,
+        gpt-oss, Phi-3, OLMo, ...); other families run transformers' `generate` after one warning.
     input_ids : torch.Tensor, optional
         int64 ``[B, T0]`` prompts, left-padded when ragged. May be omitted with ``inputs_embeds``
         ``[B, T0, H]`` (a ``generate_kwargs`` entry), which the prefill feeds instead of the ids' embeddings;
