@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 # Issue 15 items 2 and 3 (forced thinking text holding an EOS id under speculation; DEER with snapkv/rkv
-# under speculation) are fixed by the speculative loop rewrite. Until it lands the generator does not draw
-# those combinations; set False (and delete this switch) once it has.
+# under speculation) are fixed by the one-loop rewrite, so the generator draws those combinations too. Set
+# True to leave them out (when bisecting against an older commit).
 KNOWN_FAILURES_SKIPPED = False
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
