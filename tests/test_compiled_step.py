@@ -226,16 +226,6 @@ def test_slot_attention_op_matches_reference_and_passes_opcheck(with_scores):
     )
 
 
-def test_slot_attention_op_refuses_features_it_does_not_have():
-    query, key, value, k_cache, v_cache, rows, cache_lens, q_lens = _attention_inputs(1, [1, 1])
-    if "softcap" in custom_ops.inspect.signature(custom_ops.slot_attention).parameters:
-        pytest.skip("slot_attention supports softcap")
-    with pytest.raises(NotImplementedError, match="softcap"):
-        custom_ops.slot_attention_op(
-            query, key, value, k_cache, v_cache, rows, cache_lens, q_lens, 32, 0.25, softcap=30.0
-        )
-
-
 @pytest.mark.skipif(custom_ops.slot_attention_triton_op is None, reason="torch without triton_op")
 def test_triton_op_runs_the_triton_kernels_through_wrap_triton():
     """Eagerly (Triton's interpreter on CPU) the triton_op equals the reference; kernels restored after."""
