@@ -139,13 +139,6 @@ class DecodeState:
             self.history_lens[rows] += counts.to(self.history_lens.dtype)
         self.width_bound += emitted.shape[1]
 
-    def windows(self, width: int) -> torch.Tensor:
-        """int64 ``[R, width]``: each active row's last ``width`` columns, right-aligned (pad-filled)."""
-        ends = self.ends()
-        index = ends[:, None] - (width - 1) + torch.arange(width, device=self.device)[None, :]
-        windows = self.sequences[self.rows_long[:, None], index.clamp(min=0)]
-        return windows.masked_fill(index < 0, self.pad)
-
     def history_for_processors(self) -> torch.Tensor:
         """``[R, L]`` the active rows' tokens so far, prompt padding included (as transformers has them)."""
         width = self.prompt_width + min(self.width_bound, self.max_new)

@@ -15,6 +15,7 @@ import torch
 
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState
+from effdecode.generation.steps import right_aligned_windows
 from effdecode.generation.user_hooks import criteria_hit, live_view
 
 
@@ -85,8 +86,7 @@ class StopLogic:
                 break
             column = (ends + 1 + j).clamp(max=width - 1)
             extended[local, column] = torch.where(present, emitted[:, j], extended[local, column])
-            index = (ends + 1 + j)[:, None] - (width - 1) + torch.arange(width, device=local.device)[None, :]
-            windows = extended[local[:, None], index.clamp(min=0)].masked_fill(index < 0, state.pad)
+            windows = right_aligned_windows(extended, local, ends + 1 + j, width, state.pad)
             # transformers' view: the whole batch (rows that left: their tokens, then pads), row i is row i.
             full = state.sequences[:, :width].clone()
             full[state.rows_long] = windows
