@@ -196,19 +196,48 @@ def select_keep(
         On an unknown policy, a budget below 1, a missing ``scores``/``keys`` the policy needs, or a tensor of
         the wrong shape, dtype or device (checked from metadata only).
     """
+    _check_select_inputs(policy, keys, scores, positions, lengths, must_keep, prefer_keep, budget)
+    shape = tuple(positions.shape)
+    layers, num_rows, heads, width = shape
+    n = layers * num_rows * heads
+    lengths_c = lengths.long().clamp(0, width)
+    valid = _valid_mask(positions, lengths_c).expand(shape).reshape(n, width)
+    pos = positions.long().reshape(n, width)
+    must = must_keep.reshape(n, width) & valid
+    tier = must.long() * 2
+    if prefer_keep is not None:
+        tier = torch.where(~must & prefer_keep.reshape(n, width), 1, tier)
+    score_bits = _policy_score_bits(policy, keys, scores, pos, valid)
+    # Must-keep entries rank by recency alone (the newest of them win if they overflow the budget).
+    score_bits = torch.where(must, 0, score_bits)
+    keep_index = _top_entries(tier, score_bits, pos, valid, budget)
+    keep_lens = lengths_c.clamp(max=budget).to(torch.int32)
+    return keep_index.reshape(layers, num_rows, heads, budget), keep_lens
+
+
+def _check_select_inputs(
+    policy: str,
+    keys: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+    must_keep: torch.Tensor,
+    prefer_keep: torch.Tensor | None,
+    budget: int,
+) -> None:
+    """The ``ValueError`` checks of :func:`select_keep`, from metadata only (no device read)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_budget(budget)
     _check_positions_lengths(positions, lengths)
     shape = tuple(positions.shape)
     device = positions.device
-    _check_entry_tensor("must_keep", must_keep, shape, device)
-    if must_keep.dtype != torch.bool:
-        raise ValueError(f"must_keep must be bool, got {must_keep.dtype}")
-    if prefer_keep is not None:
-        _check_entry_tensor("prefer_keep", prefer_keep, shape, device)
-        if prefer_keep.dtype != torch.bool:
-            raise ValueError(f"prefer_keep must be bool, got {prefer_keep.dtype}")
+    for name, mask in (("must_keep", must_keep), ("prefer_keep", prefer_keep)):
+        if mask is None and name == "prefer_keep":
+            continue
+        _check_entry_tensor(name, mask, shape, device)
+        if mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be bool, got {mask.dtype}")
     if policy != "streaming":
         if scores is None:
             raise ValueError(f"policy {policy!r} needs scores (attention mass per entry), got None")
@@ -226,50 +255,53 @@ def select_keep(
         if keys.device != device:
             raise ValueError(f"keys is on {keys.device}, positions on {device}")
 
-    layers, num_rows, heads, width = shape
-    n = layers * num_rows * heads
-    lengths_c = lengths.long().clamp(0, width)
-    valid = _valid_mask(positions, lengths_c).expand(shape).reshape(n, width)
-    pos = positions.long().reshape(n, width)
-    must = must_keep.reshape(n, width) & valid
-    tier = must.long() * 2
-    if prefer_keep is not None:
-        tier = torch.where(~must & prefer_keep.reshape(n, width), 1, tier)
 
+def _policy_score_bits(
+    policy: str,
+    keys: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """int64 ``[N, C]``: the policy's score of each entry as order-preserving bits (0 for streaming)."""
+    n, width = pos.shape
     if policy == "streaming":
-        score_bits = torch.zeros((n, width), dtype=torch.int64, device=device)  # recency bits decide
-    else:
-        flat_scores = scores.reshape(n, width)
-        if policy == "h2o":
-            score = flat_scores
-        else:
-            score = _snapkv_pool(flat_scores, valid)
-            if policy == "rkv":
-                peak = score.amax(dim=-1, keepdim=True)  # -inf for a row without valid entries
-                tiny = torch.finfo(torch.float32).tiny
-                importance = torch.where(peak > 0, score / peak.clamp_min(tiny), 0.0)
-                redundancy = _rkv_redundancy(keys.reshape(n, width, keys.shape[-1]), pos, valid)
-                score = RKV_LAMBDA * importance - (1.0 - RKV_LAMBDA) * redundancy
-        score_bits = _orderable_bits(score)
-    # Must-keep entries rank by recency alone (the newest of them win if they overflow the budget).
-    score_bits = torch.where(must, 0, score_bits)
+        return torch.zeros((n, width), dtype=torch.int64, device=pos.device)  # recency bits decide
+    flat_scores = scores.reshape(n, width)
+    if policy == "h2o":
+        return _orderable_bits(flat_scores)
+    score = _snapkv_pool(flat_scores, valid)
+    if policy == "rkv":
+        peak = score.amax(dim=-1, keepdim=True)  # -inf for a row without valid entries
+        tiny = torch.finfo(torch.float32).tiny
+        importance = torch.where(peak > 0, score / peak.clamp_min(tiny), 0.0)
+        redundancy = _rkv_redundancy(keys.reshape(n, width, keys.shape[-1]), pos, valid)
+        score = RKV_LAMBDA * importance - (1.0 - RKV_LAMBDA) * redundancy
+    return _orderable_bits(score)
 
+
+def _top_entries(
+    tier: torch.Tensor, score_bits: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """int32 ``[N, budget]``: the kept indices per (layer, row, head), increasing, then zeros.
+
+    (tier, score, recency) is packed into one int64 key per entry and the top ``budget`` keys are taken.
+    """
+    n, width = pos.shape
     # Recency relative to the newest valid entry, so that any absolute position fits the 29 bits.
     newest = torch.where(valid, pos, torch.iinfo(torch.int64).min).amax(dim=-1, keepdim=True)
     recency = torch.where(valid, pos - (newest - ((1 << _POS_BITS) - 1)), 0).clamp_(0, (1 << _POS_BITS) - 1)
     key = (tier << _TIER_SHIFT) | (score_bits << _POS_BITS) | recency
     key = torch.where(valid, key, -1)
-
     k = min(budget, width)
     top_key, top_index = torch.topk(key, k, dim=-1, sorted=False)
     # Invalid picks (rows shorter than the budget) sort to the end as `width`, then read 0.
     top_index = torch.where(top_key >= 0, top_index, width)
     top_index = torch.sort(top_index, dim=-1).values
     top_index = torch.where(top_index < width, top_index, 0)
-    keep_index = torch.zeros((n, budget), dtype=torch.int32, device=device)
+    keep_index = torch.zeros((n, budget), dtype=torch.int32, device=pos.device)
     keep_index[:, :k] = top_index
-    keep_lens = lengths_c.clamp(max=budget).to(torch.int32)
-    return keep_index.reshape(layers, num_rows, heads, budget), keep_lens
+    return keep_index
 
 
 def protection_masks(

@@ -105,13 +105,50 @@ def _ids(rng: random.Random, vocab: int, count: int, avoid: set[int] = frozenset
 
 
 def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILURES_SKIPPED) -> FuzzCase:
-    """Draw case number ``seed`` (a pure function of its arguments)."""
+    """Draw case number ``seed`` (a pure function of its arguments).
+
+    The draws run in a fixed order (prompts, lengths and EOS, user hooks, sampling, thinking, KV budget,
+    speculation), so a seed names the same case as long as that order stays.
+    """
     rng = random.Random(seed)
     mode = mode or rng.choice(MODES)
     family = rng.choice(FAMILIES)
     model = _model_config(rng, family)
     vocab = model["vocab_size"]
-    pad = 0
+    prompts = _draw_prompts(rng, vocab)
+    lens = [len(prompt) for prompt in prompts]
+    speculative = mode in ("ngram", "draft") or (
+        mode in ("kv_small", "thinking", "deer") and rng.random() < 0.7
+    )
+    sampling = mode in ("plain", "ngram", "draft") and rng.random() < 0.25
+    gen, eos, new = _draw_lengths(rng, vocab, width=max(lens), speculative=speculative)
+    processors, criteria = _draw_user_hooks(rng, vocab, gen, speculative, sampling)
+    _draw_sampling(rng, gen, sampling)
+    avoid = set(eos) if (skip_known and speculative) else set()
+    decode = _draw_thinking(rng, vocab, mode, speculative, eos, avoid, skip_known)
+    room = max(lens) + new + 16
+    _draw_kv(rng, decode, mode, lens, room, speculative, skip_known)
+    speculation = _draw_speculation(rng, mode, family, vocab) if speculative else None
+    checks = _checks(mode, decode, eos, criteria, sampling, speculation, room)
+    return FuzzCase(
+        seed=seed,
+        mode=mode,
+        family=family,
+        model=model,
+        prompts=prompts,
+        pad_token_id=0,
+        generate=gen,
+        processors=processors,
+        criteria=criteria,
+        decode=decode,
+        speculation=speculation,
+        sample_seed=rng.randrange(1 << 30),
+        checks=checks,
+    )
+
+
+def _draw_prompts(rng: random.Random, vocab: int) -> list[list[int]]:
+    """1-9 prompts of 1-12 tokens (one of them the longest), half of the time repetitive motifs."""
     batch = rng.randint(1, 9)
     width = rng.randint(1, 12)
     lens = [width] + [rng.randint(1, width) for _ in range(batch - 1)]
@@ -124,11 +161,13 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
             prompts.append((motif * length)[:length])
         else:
             prompts.append(_ids(rng, vocab, length))
+    return prompts
 
-    speculative = mode in ("ngram", "draft") or (
-        mode in ("kv_small", "thinking", "deer") and rng.random() < 0.7
-    )
-    sampling = mode in ("plain", "ngram", "draft") and rng.random() < 0.25
+
+def _draw_lengths(
+    rng: random.Random, vocab: int, width: int, speculative: bool
+) -> tuple[dict[str, Any], list[int], int]:
+    """The generate kwargs of EOS ids and lengths; returns them, the EOS ids and the new-token count."""
     gen: dict[str, Any] = {}
     eos = _ids(rng, vocab, rng.randint(0, 3))
     gen["eos_token_id"] = eos or None
@@ -146,59 +185,93 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
         gen["return_dict_in_generate"] = True
     if eos and rng.random() < 0.1:  # an EOS id the model cannot produce
         gen["eos_token_id"] = eos + [vocab + rng.randint(0, 5)]
-    gen["pad_token_id"] = pad
+    gen["pad_token_id"] = 0
+    return gen, eos, new
+
+
+def _draw_user_hooks(
+    rng: random.Random, vocab: int, gen: dict[str, Any], speculative: bool, sampling: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """History-dependent processors, stop criteria and scores (mostly left out of speculative cases)."""
     processors: list[dict[str, Any]] = []
     criteria: list[dict[str, Any]] = []
     history_free = speculative and rng.random() < 0.8  # keep speculation on for most speculative cases
-    if not history_free:
-        if rng.random() < 0.3:
-            gen["repetition_penalty"] = rng.choice([0.8, 1.2, 1.5, 2.0])
-        if rng.random() < 0.2:
-            processors.append({"kind": "no_repeat_ngram", "n": rng.choice([2, 3])})
-        if rng.random() < 0.2:
-            processors.append({"kind": "ban", "token": _ids(rng, vocab, 1)[0]})
-        if rng.random() < 0.2:
-            criteria.append({"kind": "stop_after", "token": _ids(rng, vocab, 1)[0]})
-        if not sampling and rng.random() < 0.3:
-            gen["output_scores"] = True
-            gen["return_dict_in_generate"] = True
-    if sampling:
-        gen["do_sample"] = True
-        if rng.random() < 0.5:
-            gen["temperature"] = rng.choice([0.5, 0.9, 1.3])
-        gen["top_k"] = rng.choice([0, 5, 20])
-        if rng.random() < 0.4:
-            gen["top_p"] = rng.choice([0.5, 0.9])
-        if rng.random() < 0.2:
-            gen["min_p"] = rng.choice([0.05, 0.2])
-        if rng.random() < 0.3:
-            gen["num_return_sequences"] = rng.randint(2, 3)
-    else:
-        gen["do_sample"] = False
+    if history_free:
+        return processors, criteria
+    if rng.random() < 0.3:
+        gen["repetition_penalty"] = rng.choice([0.8, 1.2, 1.5, 2.0])
+    if rng.random() < 0.2:
+        processors.append({"kind": "no_repeat_ngram", "n": rng.choice([2, 3])})
+    if rng.random() < 0.2:
+        processors.append({"kind": "ban", "token": _ids(rng, vocab, 1)[0]})
+    if rng.random() < 0.2:
+        criteria.append({"kind": "stop_after", "token": _ids(rng, vocab, 1)[0]})
+    if not sampling and rng.random() < 0.3:
+        gen["output_scores"] = True
+        gen["return_dict_in_generate"] = True
+    return processors, criteria
 
+
+def _draw_sampling(rng: random.Random, gen: dict[str, Any], sampling: bool) -> None:
+    """Sampling parameters into ``gen`` (``do_sample=False`` for greedy cases)."""
+    if not sampling:
+        gen["do_sample"] = False
+        return
+    gen["do_sample"] = True
+    if rng.random() < 0.5:
+        gen["temperature"] = rng.choice([0.5, 0.9, 1.3])
+    gen["top_k"] = rng.choice([0, 5, 20])
+    if rng.random() < 0.4:
+        gen["top_p"] = rng.choice([0.5, 0.9])
+    if rng.random() < 0.2:
+        gen["min_p"] = rng.choice([0.05, 0.2])
+    if rng.random() < 0.3:
+        gen["num_return_sequences"] = rng.randint(2, 3)
+
+
+def _draw_thinking(
+    rng: random.Random,
+    vocab: int,
+    mode: str,
+    speculative: bool,
+    eos: list[int],
+    avoid: set[int],
+    skip_known: bool,
+) -> dict[str, Any]:
+    """DecodeConfig fields of thinking control: a budget and forced text, or DEER early exit."""
     decode: dict[str, Any] = {}
-    avoid = set(eos) if (skip_known and speculative) else set()
-    if mode in ("thinking", "deer"):
-        end = _ids(rng, vocab, 1, avoid)
-        if not skip_known and speculative and eos and rng.random() < 0.5:
-            end = [eos[0]]  # issue 15 item 2: forced text holding an EOS id
-        decode.update(think_start=None, think_end=end)
-        if mode == "thinking" or rng.random() < 0.3:
-            decode["thinking_budget"] = rng.randint(0, 10)
-            decode["think_end_prefix"] = _ids(rng, vocab, rng.randint(0, 3), avoid) or None
-        if mode == "deer":
-            decode.update(
-                early_exit="deer",
-                early_exit_triggers=[_ids(rng, vocab, rng.randint(1, 2)) for _ in range(rng.randint(1, 2))],
-                early_exit_probe=_ids(rng, vocab, rng.randint(0, 2), avoid)
-                + end
-                + _ids(rng, vocab, 1, avoid),
-                early_exit_answer_tokens=rng.randint(1, 3),
-                early_exit_threshold=rng.choice([0.0, 0.3, 0.9, 1.0]),
-                early_exit_replace_trigger=rng.random() < 0.5,
-                early_exit_confidence=rng.choice(["mean", "geometric"]),
-            )
-    room = max(lens) + new + 16
+    if mode not in ("thinking", "deer"):
+        return decode
+    end = _ids(rng, vocab, 1, avoid)
+    if not skip_known and speculative and eos and rng.random() < 0.5:
+        end = [eos[0]]  # issue 15 item 2: forced text holding an EOS id
+    decode.update(think_start=None, think_end=end)
+    if mode == "thinking" or rng.random() < 0.3:
+        decode["thinking_budget"] = rng.randint(0, 10)
+        decode["think_end_prefix"] = _ids(rng, vocab, rng.randint(0, 3), avoid) or None
+    if mode == "deer":
+        decode.update(
+            early_exit="deer",
+            early_exit_triggers=[_ids(rng, vocab, rng.randint(1, 2)) for _ in range(rng.randint(1, 2))],
+            early_exit_probe=_ids(rng, vocab, rng.randint(0, 2), avoid) + end + _ids(rng, vocab, 1, avoid),
+            early_exit_answer_tokens=rng.randint(1, 3),
+            early_exit_threshold=rng.choice([0.0, 0.3, 0.9, 1.0]),
+            early_exit_replace_trigger=rng.random() < 0.5,
+            early_exit_confidence=rng.choice(["mean", "geometric"]),
+        )
+    return decode
+
+
+def _draw_kv(
+    rng: random.Random,
+    decode: dict[str, Any],
+    mode: str,
+    lens: list[int],
+    room: int,
+    speculative: bool,
+    skip_known: bool,
+) -> None:
+    """A KV budget into ``decode``: above every row's need (kv_large) or small enough to evict (kv_small)."""
     if mode == "kv_large" or (mode in ("thinking", "deer") and rng.random() < 0.3):
         decode.update(kv_budget=room + 64, kv_window=rng.randint(0, 4), kv_sinks=rng.randint(0, 2))
         decode["kv_policy"] = rng.choice(["streaming", "h2o", "snapkv", "rkv"])
@@ -227,23 +300,34 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
     ):
         decode["kv_policy"] = rng.choice(["streaming", "h2o"])
 
-    speculation = None
-    if speculative:
-        if mode == "ngram" or (mode != "draft" and rng.random() < 0.5):
-            speculation = {"kind": "ngram", "tokens": rng.randint(1, 5)}
-        else:
-            draft = "same" if rng.random() < 0.4 else _model_config(rng, family)
-            if isinstance(draft, dict):
-                draft["vocab_size"] = vocab
-                draft["family"] = rng.choice(FAMILIES)
-                draft.pop("sliding_window", None)
-            speculation = {
-                "kind": "draft",
-                "model": draft,
-                "tokens": rng.randint(1, 6),
-                "schedule": rng.choice(["constant", "heuristic"]),
-            }
 
+def _draw_speculation(rng: random.Random, mode: str, family: str, vocab: int) -> dict[str, Any]:
+    """N-gram lookup, or a draft model (the target's own config or another small random one)."""
+    if mode == "ngram" or (mode != "draft" and rng.random() < 0.5):
+        return {"kind": "ngram", "tokens": rng.randint(1, 5)}
+    draft = "same" if rng.random() < 0.4 else _model_config(rng, family)
+    if isinstance(draft, dict):
+        draft["vocab_size"] = vocab
+        draft["family"] = rng.choice(FAMILIES)
+        draft.pop("sliding_window", None)
+    return {
+        "kind": "draft",
+        "model": draft,
+        "tokens": rng.randint(1, 6),
+        "schedule": rng.choice(["constant", "heuristic"]),
+    }
+
+
+def _checks(
+    mode: str,
+    decode: dict[str, Any],
+    eos: list[int],
+    criteria: list[dict[str, Any]],
+    sampling: bool,
+    speculation: dict[str, Any] | None,
+    room: int,
+) -> list[str]:
+    """What a case can be checked against: HF generate, plain effdecode, no eviction, reproducibility."""
     checks = []
     hf_comparable = mode in ("plain", "ngram", "draft", "kv_large") and not any(
         key in decode for key in ("thinking_budget", "early_exit")
@@ -259,21 +343,7 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
         checks.append("no_eviction")
     if not checks:
         checks.append("runs")
-    return FuzzCase(
-        seed=seed,
-        mode=mode,
-        family=family,
-        model=model,
-        prompts=prompts,
-        pad_token_id=pad,
-        generate=gen,
-        processors=processors,
-        criteria=criteria,
-        decode=decode,
-        speculation=speculation,
-        sample_seed=rng.randrange(1 << 30),
-        checks=checks,
-    )
+    return checks
 
 
 # ------------------------------------------------------------------------------------------------ running
