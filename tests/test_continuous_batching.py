@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_loop import _copies_per_step, host_copies  # noqa: F401 (a fixture)
 from test_speculative import repetitive_prompts
 from test_thought_compression import _deer_config, _rigged
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -18,6 +19,7 @@ import effdecode
 import effdecode.api as api
 from effdecode import DecodeConfig
 from effdecode.generation import slots as slots_module
+from effdecode.generation.graphs import graphs_of, release_graphs
 from effdecode.generation.target import TargetModel
 from tiny_models import ragged_prompts, tiny_model
 
@@ -55,7 +57,7 @@ def _generate(model, ids, mask, config: DecodeConfig, slots, **kwargs):
         )
 
 
-def _check_mode(model, prompts, config, kwargs, alone_rows=(0, 3, 5)):
+def _check_mode(model, prompts, config, kwargs, alone_rows=(4,)):
     """max_slots in {1, 3, B} gives the tensor (and per-row stats) of no max_slots; some rows alone too."""
     ids, mask = prompts
     base = _generate(model, ids, mask, config, None, **kwargs)
@@ -82,7 +84,7 @@ def _check_mode(model, prompts, config, kwargs, alone_rows=(0, 3, 5)):
 
 
 def test_rows_finish_at_different_steps(model, prompts):
-    base = _check_mode(model, prompts, DecodeConfig(), {})
+    base = _check_mode(model, prompts, DecodeConfig(), {}, alone_rows=range(ROWS))
     assert len(set(base.stats.new_tokens)) >= 3  # ragged finishes: admissions happen mid-run
 
 
@@ -138,7 +140,7 @@ def test_rolled_back_probes_match_without_slots(prompts):
     width = ids.shape[1]
     triggers = [[free[row, width + 4].item()] for row in range(ROWS)]
     config = dataclasses.replace(_deer_config(triggers), early_exit_threshold=1.0)
-    base = _check_mode(rigged, prompts, config, {}, alone_rows=(4,))
+    base = _check_mode(rigged, prompts, config, {})
     assert sum(base.stats.early_exits) == 0
 
 
@@ -329,3 +331,31 @@ def test_options_that_need_the_whole_batch_are_refused(model, prompts, monkeypat
             model, ids, attention_mask=mask, max_new_tokens=4, decode_config=DecodeConfig(max_slots=2),
             stopping_criteria=StoppingCriteriaList([Never()]),
         )  # fmt: skip
+
+
+def test_compiled_steps_with_fewer_slots_than_rows():
+    """Compiled steps bucket the rows and pad with unused slots: with every slot in use the cache still has
+    a spare one per bucket, and the tensor is the eager one without max_slots."""
+    compiled_model = tiny_model("qwen2", torch.float64, eos_token_id=[5, 17, 33])
+    ids, mask = ragged_prompts(5, 9, seed=5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    eager = effdecode.generate(compiled_model, ids, **kwargs)
+    assert len(set(eager.stats.new_tokens)) > 1
+    try:
+        out = effdecode.generate(
+            compiled_model, ids, decode_config=DecodeConfig(compile=True, max_slots=2), **kwargs
+        )
+        assert torch.equal(out.sequences, eager.sequences)
+        cache = graphs_of(compiled_model).cache
+        assert cache.num_slots == 3  # bucket 2 + the spare slot
+        assert any(step.compiled is not None for step in graphs_of(compiled_model).steps.values())
+    finally:
+        release_graphs(compiled_model)
+
+
+def test_steps_with_admissions_still_copy_to_the_host_once(host_copies):  # noqa: F811
+    """Plain steps keep one host copy each with max_slots (the admission reads nothing back either)."""
+    model = tiny_model("llama", torch.float64, seed=3)
+    ids, mask = repetitive_prompts(5, 12, seed=5)
+    per_step = _copies_per_step(host_copies, model, ids, mask, decode_config=DecodeConfig(max_slots=2))
+    assert per_step == 1.0
