@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -101,6 +101,13 @@ class DecodeConfig:
         Confidence at or above which thinking ends.
     early_exit_confidence : str
         ``"mean"`` of the answer tokens' max probabilities, or their ``"geometric"`` mean.
+    max_slots : int or "auto", optional
+        Continuous batching: at most this many rows hold KV slots at once. When there are more prompts, the
+        first ``max_slots`` are decoded and each waiting prompt is admitted (in order, prefilled together
+        with the others admitted in the same step) into a slot as soon as a row finishes. The result is
+        the same tensor as without it. ``"auto"`` sizes the slot count from free memory and the per-row KV
+        bytes (a row costs ``kv_budget + compress_every`` entries with ``kv_budget``); see
+        :func:`effdecode.generation.slots.auto_slots`. None: every row gets a slot.
     """
 
     attn_backend: str = "auto"
@@ -125,10 +132,16 @@ class DecodeConfig:
     early_exit_replace_trigger: bool = False
     early_exit_threshold: float = 0.95
     early_exit_confidence: str = "mean"
+    max_slots: int | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"DecodeConfig.attn_backend={self.attn_backend!r}; expected one of {BACKENDS}")
+        if self.max_slots is not None and self.max_slots != "auto":
+            if isinstance(self.max_slots, bool) or not isinstance(self.max_slots, int) or self.max_slots < 1:
+                raise ValueError(
+                    f"DecodeConfig.max_slots={self.max_slots!r}; expected None, 'auto' or an int >= 1"
+                )
         if not isinstance(self.compile, bool):
             raise ValueError(f"DecodeConfig.compile={self.compile!r}; expected True or False")
         if self.draft_length not in (None, "adaptive"):

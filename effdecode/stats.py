@@ -37,6 +37,13 @@ class GenerationStats:
         thinking option is set).
     early_exits : list[int]
         Confident early-exit probes per row (0 or 1; empty without ``early_exit``).
+    first_token_s : list[float]
+        Per row: seconds from the start of the call until its first token was chosen (time to first token;
+        with ``max_slots`` a row admitted later waits for its slot first).
+    finish_s : list[float]
+        Per row: seconds from the start of the call until the row finished (left the batch).
+    slots : int
+        KV slots the call used (``DecodeConfig.max_slots``, resolved; the batch size without it).
     """
 
     target_forwards: int = 0
@@ -52,6 +59,9 @@ class GenerationStats:
     evicted_tokens: list[int] = field(default_factory=list)
     thinking_tokens: list[int] = field(default_factory=list)
     early_exits: list[int] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)
+    finish_s: list[float] = field(default_factory=list)
+    slots: int = 0
 
     @property
     def tokens_per_target_forward(self) -> float:

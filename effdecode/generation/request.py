@@ -7,10 +7,11 @@ Generation options are merged exactly as transformers does (user kwargs > ``gene
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from effdecode.config import DecodeConfig
@@ -143,6 +144,9 @@ class GenerationRequest:
     thinking: ThinkingPlan | None = None
     inputs_embeds: torch.Tensor | None = None  # [B, T0, H]: fed to the prefill instead of the ids' embeddings
     embeds_only: bool = False  # no input_ids given: input_ids are placeholders; return only the new tokens
+    # Called from the host with the int64 request-row indices that just finished (each row once, in the step
+    # it leaves; rows still running at the end too, and rows max_time left waiting). No device-to-host copy.
+    on_rows_finished: Callable[[np.ndarray], None] | None = None
 
     @property
     def batch_size(self) -> int:
