@@ -383,3 +383,32 @@ def test_config_field_names_match_transformers():
     ours = {f.name for f in dataclasses.fields(effdecode.BatchRequestOutput)}
     assert {f.name for f in dataclasses.fields(GenerationOutput)} <= ours
     assert issubclass(effdecode.BatchRequestOutput, GenerationOutput)
+
+
+def test_sampled_requests_do_not_depend_on_the_slot_count():
+    kwargs = dict(max_new_tokens=NEW, do_sample=True, temperature=1.3)
+    seeded = ContinuousBatchingConfig(seed=5)
+    runs = [
+        effdecode.generate_batch(
+            _model(), PROMPTS, continuous_batching_config=seeded, decode_config={"max_slots": slots}, **kwargs
+        )
+        for slots in (2, 8)
+    ]
+    assert [o.generated_tokens for o in runs[0].values()] == [o.generated_tokens for o in runs[1].values()]
+
+
+@pytest.mark.slow  # about a minute in float64 on a busy 2-core machine: run with -m slow
+def test_shipped_reasoner_requests_equal_generate_alone():
+    from effdecode.workloads import generate_problems, load_reasoner
+
+    model, tokenizer = load_reasoner("target", dtype=torch.float64)
+    problems = generate_problems(4, levels=(1, 2, 3, 4), seed=1, split="test")
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=300)
+    outputs = effdecode.generate_batch(model, prompts, decode_config={"max_slots": 2}, **ids)
+    lengths = set()
+    for prompt, output in zip(prompts, outputs.values(), strict=True):
+        alone = effdecode.generate(model, torch.tensor([prompt]), **ids)[0, len(prompt) :].tolist()
+        assert output.generated_tokens == alone[: len(output.generated_tokens)]
+        lengths.add(len(output.generated_tokens))
+    assert len(lengths) > 1 and min(lengths) < 300  # requests end at EOS at different steps
