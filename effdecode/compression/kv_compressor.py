@@ -86,6 +86,19 @@ class KVCompressor:
         self.entry_positions = torch.zeros(shape, dtype=torch.int32, device=cache.device)
         self._pending: tuple | None = None  # (per-layer PendingScores, rows, cache lengths before)
 
+    def admit(self, rows: np.ndarray, prompt_lens: torch.Tensor, lens_host: np.ndarray) -> None:
+        """Slots ``rows`` (host) now hold new rows whose prompts (``prompt_lens`` int ``[A]`` on the device,
+        ``lens_host`` on the host) are about to be prefilled: their bookkeeping starts over."""
+        slots = torch.as_tensor(rows, device=self.cache.device)
+        self.prompt_lens[slots] = prompt_lens.to(self.prompt_lens.dtype)
+        self.lens[rows] = lens_host
+        self.fresh_from[rows] = 0
+        self.evicted[rows] = 0
+        if self.scores is not None:
+            self.scores[:, slots] = 0.0
+        if rows.size:
+            self.peak = max(self.peak, int(self.lens[rows].max()))
+
     @staticmethod
     def capacity_for(config: DecodeConfig, max_prompt: int, needed: int) -> int:
         """Cache capacity for a call that needs ``needed`` entries per row without eviction."""

@@ -25,7 +25,7 @@ class Compression:
     cache : SlotKVCache
         The target cache.
     prompt_lens : torch.Tensor
-        int32 ``[slots]``.
+        int32 ``[slots]`` (zeros until :meth:`admit` fills a slot).
     thinking : ThinkingController or None
         For the thinking spans (``kv_think_only``) and probe states (a probing row is never compacted).
     """
@@ -37,6 +37,12 @@ class Compression:
         self.thinking = thinking
         self.deer = thinking is not None and thinking.plan.early_exit
         self.probe_scores: dict[int, torch.Tensor] = {}  # scores of probing slots, restored on roll back
+
+    def admit(self, rows: np.ndarray, prompt_lens: torch.Tensor, lens_host: np.ndarray) -> None:
+        """Slots ``rows`` (host) start over with new prompts (``prompt_lens`` ``[A]``, device and host)."""
+        self.compressor.admit(rows, prompt_lens, lens_host)
+        for slot in rows.tolist():
+            self.probe_scores.pop(slot, None)
 
     @property
     def nbytes(self) -> int:
@@ -100,5 +106,4 @@ class Compression:
         return compressor.deferred_scores_for(rows_host, num_cols), bound
 
     def finish(self, stats) -> None:
-        stats.kv_peak_tokens = self.compressor.peak
-        stats.evicted_tokens = self.compressor.evicted.tolist()
+        stats.kv_peak_tokens = self.compressor.peak  # (evicted_tokens per request: RowStats)

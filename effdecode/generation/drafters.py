@@ -45,6 +45,12 @@ class DraftSchedule:
         self.probe_wait = torch.full((batch_size,), self.FIRST_PROBE, dtype=torch.int32, device=device)
         self.steps = 0
 
+    def admit(self, slots: torch.Tensor) -> None:
+        """Rows new in ``slots`` (int64) start with a fresh schedule."""
+        self.lengths[slots] = self.plan.num_draft
+        self.mean_accepted[slots] = 1.0
+        self.probe_wait[slots] = self.FIRST_PROBE
+
     def wanted(self, rows: torch.Tensor) -> torch.Tensor:
         """int32 ``[B]`` draft lengths for ``rows`` (int64) this step; 0 for paused rows not due to probe.
 
@@ -164,7 +170,7 @@ class NgramDrafter:
         self.plan = plan
         self.backend = backend
 
-    def prefill(self, *args) -> None:
+    def prefill(self, admission) -> None:
         pass
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
@@ -226,8 +232,12 @@ class ModelDrafter:
         """Bytes of the draft cache and of its compressor's side buffers (counted in ``kv_peak_bytes``)."""
         return self.cache.nbytes + (self.compressor.nbytes if self.compressor is not None else 0)
 
-    def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
-        prefill(self.model, self.cache, input_ids, prompt_lens, self.backend)
+    def prefill(self, admission) -> None:
+        """Fill the admitted rows' slots with their prompts (one forward)."""
+        slots = admission.slots_dev
+        if self.compressor is not None:
+            self.compressor.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
+        prefill(self.model, self.cache, admission.input_ids, admission.prompt_lens, self.backend, slots=slots)
         self.forwards += 1
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):

@@ -36,13 +36,17 @@ class Drafting:
         With ``speculation`` set.
     capacity : int
         Entries per slot of the target cache (the draft model's cache gets as many).
+    slots : int, optional
+        Slots of the call (default: the batch size).
     """
 
-    def __init__(self, request: GenerationRequest, capacity: int, timed_gate: bool = True) -> None:
+    def __init__(
+        self, request: GenerationRequest, capacity: int, timed_gate: bool = True, slots: int | None = None
+    ) -> None:
         plan = request.speculation
         config = request.decode_config
         device = request.input_ids.device
-        batch_size = request.input_ids.shape[0]
+        batch_size = slots if slots is not None else request.input_ids.shape[0]
         self.plan = plan
         self.request = request
         self.schedule = DraftSchedule(plan, batch_size, device)
@@ -53,8 +57,9 @@ class Drafting:
             if config.compresses:
                 eviction = dataclasses.replace(config, kv_policy="streaming", kv_think_only=False)
             self.drafter = ModelDrafter(
-                plan.assistant_model, batch_size, capacity, config.attn_backend, eviction, request.prompt_lens
-            )
+                plan.assistant_model, batch_size, capacity, config.attn_backend, eviction,
+                torch.zeros(batch_size, dtype=torch.int32, device=device),
+            )  # fmt: skip
         else:
             self.drafter = NgramDrafter(plan, config.attn_backend)
         self.proposed = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -80,8 +85,15 @@ class Drafting:
         draft = self.plan.assistant_model
         return routed_through_effdecode(draft) if draft is not None else contextlib.nullcontext()
 
-    def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
-        self.drafter.prefill(input_ids, prompt_lens)
+    def prefill(self, admission) -> None:
+        """The rows of ``admission`` (a :class:`~effdecode.generation.state.Admission`) start drafting afresh:
+        schedule, statistics and (draft model) their slots of the draft cache, prefilled together."""
+        slots = admission.slots_dev
+        self.schedule.admit(slots)
+        self.proposed[slots] = 0
+        self.accepted[slots] = 0
+        self.quiet_until = 0
+        self.drafter.prefill(admission)
 
     def rollback(self, state: DecodeState, kept_lens: torch.Tensor) -> None:
         """The draft cache keeps the first ``kept_lens`` (``[R]``) tokens of each active row's history."""

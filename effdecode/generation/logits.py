@@ -13,9 +13,10 @@ import inspect
 import torch
 
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.streams import draw_base_seed, race, row_seeds
 from effdecode.generation.user_hooks import apply_processors
 from effdecode.ops.backend import resolve_backend
-from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
+from effdecode.ops.sampling import sample_tokens, warp_logits
 
 
 @functools.cache
@@ -76,32 +77,50 @@ def apply_repetition_penalty(
 class LogitsPipeline:
     """Turns a step's raw logits into processed scores and chooses each row's next token."""
 
-    def __init__(self, request: GenerationRequest, device: torch.device) -> None:
+    def __init__(self, request: GenerationRequest, device: torch.device, slots: int | None = None) -> None:
         self.request = request
+        slots = request.batch_size if slots is None else slots
+        self.prompt_width = request.input_ids.shape[1]
         self.eos_ids = torch.tensor(request.eos_token_ids, dtype=torch.long, device=device)
         self.needs_history = request.repetition_penalty != 1.0 or bool(request.logits_processors)
-        # Left-padding columns per row that repetition_penalty leaves alone (as the installed transformers).
+        # Left-padding columns per slot that repetition_penalty leaves alone (as the installed transformers).
         self.penalty_skip: torch.Tensor | None = None
         if request.repetition_penalty != 1.0 and penalty_skips_padding():
-            width = request.input_ids.shape[1]
-            self.penalty_skip = (width - request.prompt_lens.to(device=device, dtype=torch.long)).contiguous()
+            self.penalty_skip = torch.zeros(slots, dtype=torch.long, device=device)
         # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox;
-        # its seeds come from torch's generator, so torch.manual_seed still reproduces a call. The torch path
-        # (CPU) keeps transformers' exact ops, and is also used when the warped scores must be returned.
+        # elsewhere the torch path keeps transformers' warpers and races counter-based draws. Both draw from
+        # per-request streams (effdecode.generation.streams) whose base seed comes from torch's generator, so
+        # torch.manual_seed still reproduces a call and a request's draws do not depend on its batch or slot.
         self.kernel_sampler = (
             request.do_sample
             and not request.output_scores
             and resolve_backend("auto", device, has_cuda_op=False, has_triton_op=True) == "triton"
         )
+        if request.do_sample:
+            self.base_seed = draw_base_seed()
+            self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+            self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
         if self.kernel_sampler:
-            rows, params = request.batch_size, request.sampling
-            self.seeds = torch.randint(0, 2**62, (rows,), device=device)
-            self.offsets = torch.zeros(rows, dtype=torch.long, device=device)
-            self.temperature = torch.full((rows,), params.temperature, device=device)
-            self.top_k = torch.full((rows,), params.top_k or 0, dtype=torch.int32, device=device)
-            self.top_p = torch.full((rows,), params.top_p if params.top_p is not None else 1.0, device=device)
-            self.min_p = torch.full((rows,), params.min_p or 0.0, device=device)
+            params = request.sampling
+            self.temperature = torch.full((slots,), params.temperature, device=device)
+            self.top_k = torch.full((slots,), params.top_k or 0, dtype=torch.int32, device=device)
+            self.top_p = torch.full(
+                (slots,), params.top_p if params.top_p is not None else 1.0, device=device
+            )
+            self.min_p = torch.full((slots,), params.min_p or 0.0, device=device)
         self._eos_columns: torch.Tensor | None = None  # bool [V], built on the first step
+        if slots == request.batch_size:  # (a pipeline used without the loop: every row in its own slot)
+            rows = torch.arange(slots, device=device)
+            self.admit(rows, rows, request.prompt_lens.to(device))
+
+    def admit(self, slots: torch.Tensor, requests: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+        """Slots ``slots`` (int64 ``[A]``) now hold request rows ``requests`` with ``prompt_lens``: their
+        penalty padding and random streams."""
+        if self.penalty_skip is not None:
+            self.penalty_skip[slots] = self.prompt_width - prompt_lens.long()
+        if self.request.do_sample:
+            self.seeds[slots] = row_seeds(self.base_seed, requests)
+            self.offsets[slots] = 0
 
     def _eos_column_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         if self._eos_columns is None:
@@ -136,6 +155,9 @@ class LogitsPipeline:
                 skip = skip.index_select(0, rows.long())
             elif skip is not None and skip.shape[0] != scores.shape[0]:
                 raise RuntimeError("LogitsPipeline.process needs `rows` when only some rows are running")
+            # Rows with fewer tokens than the history's width are left-filled with pad: not their tokens.
+            extra = (history.shape[1] - self.prompt_width - new_tokens.long()).clamp(min=0)
+            skip = extra if skip is None else skip + extra
             scores = apply_repetition_penalty(scores, history, request.repetition_penalty, skip)
         if request.eos_blocked_until > 0 and self.eos_ids.numel():
             blocked = (new_tokens < request.eos_blocked_until)[:, None]
@@ -179,7 +201,9 @@ class LogitsPipeline:
         if not self.request.do_sample:
             return scores.argmax(dim=-1)
         if not self.kernel_sampler:
-            return sample_from_scores(scores)
+            tokens = race(scores, self.seeds[rows], self.offsets[rows])
+            self.offsets[rows] += scores.shape[-1]
+            return tokens
         tokens = sample_tokens(
             scores,
             self.temperature[rows],

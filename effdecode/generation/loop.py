@@ -10,6 +10,8 @@ thinking text or a DEER probe; plain decoding is ``d_r = 0``. A step::
     update   append; cut runs at thinking markers, EOS and stop criteria; participants react (draft schedule,
              thinking spans and probes, eviction bookkeeping); one device-to-host copy decides who stays
     shrink   finished rows leave ``rows``; their KV stays where it is and costs nothing
+    admit    (``DecodeConfig.max_slots``) waiting requests take the freed slots: one prefill forward over
+             them; their first tokens join the step's emission, and they join ``rows``
 
 Participants live in their own modules: :mod:`~effdecode.generation.drafting`,
 :mod:`~effdecode.generation.thinking` (+ :mod:`~effdecode.generation.probes`),
@@ -48,7 +50,11 @@ def run_generation(
             if done or call.stop.out_of_time():
                 break
             call.shrink(stay)
-            plan = call.plan()
-            logits = call.forward(plan)
-            emission = call.accept(plan, logits)
+            fresh = call.admit()  # waiting requests into freed slots (max_slots): prefilled together
+            emission = None
+            if call.state.num_rows:
+                plan = call.plan()
+                logits = call.forward(plan)
+                emission = call.accept(plan, logits)
+            emission = call.join(emission, fresh)  # the admitted rows' first tokens join the step's
     return call.finish(started)

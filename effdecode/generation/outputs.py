@@ -25,7 +25,7 @@ class StepOutputs:
 
     def record(self, state: DecodeState, emission: Emission, counts: torch.Tensor) -> None:
         """After a step's append: its scores/logits and its tokens (``counts`` per row) to the streamer."""
-        rows = state.rows_long
+        rows = state.requests_long  # row i of the full batch is request i
         if self.request.output_scores and emission.scores is not None:
             scores = emission.scores
             self.scores.append(
@@ -42,7 +42,8 @@ class StepOutputs:
             self.streamer.put(emission.tokens[0, : int(counts[0])].cpu())
         else:  # one token per row: rows that left get padding
             tokens = torch.full((self.batch_size,), state.pad, dtype=torch.long)
-            self.streamer.put(tokens.index_copy_(0, rows.cpu(), emission.tokens[:, 0].cpu()))
+            requests = torch.as_tensor(state.requests_host)
+            self.streamer.put(tokens.index_copy_(0, requests, emission.tokens[:, 0].cpu()))
 
     def end(self) -> None:
         if self.streamer is not None:

@@ -21,12 +21,25 @@ CUDA_FRACTION = 0.9
 _SCORED = frozenset({"h2o", "snapkv", "rkv"})
 
 
-def row_capacity(config: DecodeConfig, max_prompt: int, max_new_tokens: int, lookahead: int) -> int:
-    """Cache entries one row needs: its whole sequence, or with ``kv_budget`` the compressor's limit."""
-    needed = max_prompt + max_new_tokens + lookahead
-    if config.compresses:
-        return KVCompressor.capacity_for(config, max_prompt, needed)
-    return needed
+def row_layout(request) -> tuple[int, int, int]:
+    """``(lookahead, capacity, probe_room)`` of a :class:`~effdecode.generation.request.GenerationRequest`.
+
+    ``lookahead``: columns a step may write past a row's end (drafts, forced thinking text or a DEER probe,
+    and one more); ``capacity``: cache entries per slot (with ``kv_budget`` the compressor's limit, plus a
+    probe's room); ``probe_room``: what a probe holds past a row's entries until it is decided.
+    """
+    config = request.decode_config
+    plan, speculation = request.thinking, request.speculation
+    probe_room = len(plan.probe_ids) + plan.answer_tokens if plan is not None and plan.early_exit else 0
+    forced = len(plan.forced_ids) if plan is not None else 0
+    lookahead = 0
+    if speculation is not None or plan is not None:
+        lookahead = 1 + max(speculation.num_draft if speculation else 0, forced, probe_room)
+    max_prompt = int(request.prompt_lens.max())
+    capacity = max_prompt + request.max_new_tokens + lookahead
+    if config.compresses:  # a row's inputs stop at its KV limit: no room past it but a probe's
+        capacity = KVCompressor.capacity_for(config, max_prompt, capacity) + probe_room
+    return lookahead, capacity, probe_room
 
 
 def row_bytes(
@@ -60,9 +73,7 @@ def auto_slots(
     model: torch.nn.Module,
     config: DecodeConfig,
     batch_size: int,
-    max_prompt: int,
-    max_new_tokens: int,
-    lookahead: int = 0,
+    capacity: int,
     draft_model: torch.nn.Module | None = None,
     free_bytes: int | None = None,
 ) -> int:
@@ -73,11 +84,11 @@ def auto_slots(
     model : torch.nn.Module
         The target model (its KV geometry and dtype).
     config : DecodeConfig
-        ``kv_budget`` / ``compress_every`` / ``kv_policy`` decide a row's entries.
+        ``kv_budget`` / ``kv_policy`` decide the side buffers.
     batch_size : int
         Rows of the call (the most slots worth having).
-    max_prompt, max_new_tokens, lookahead : int
-        Longest prompt, new tokens, and the columns a step may write past a row's end.
+    capacity : int
+        Cache entries per slot (:func:`row_layout`).
     draft_model : torch.nn.Module, optional
         The assistant model, whose cache has as many slots.
     free_bytes : int, optional
@@ -88,7 +99,6 @@ def auto_slots(
     ValueError
         When not even one row fits.
     """
-    capacity = row_capacity(config, max_prompt, max_new_tokens, lookahead)
     per_row = row_bytes(model, config, capacity, draft_model)
     if free_bytes is None:
         free_bytes = free_bytes_for_slots(model.device)
@@ -101,18 +111,34 @@ def auto_slots(
     return max(1, min(batch_size, free_bytes // per_row))
 
 
-def resolve_slots(
-    model: torch.nn.Module,
-    config: DecodeConfig,
-    batch_size: int,
-    max_prompt: int,
-    max_new_tokens: int,
-    lookahead: int = 0,
-    draft_model: torch.nn.Module | None = None,
-) -> int:
-    """``config.max_slots`` as a slot count in ``[1, batch_size]`` (None: ``batch_size``)."""
+def slots_for(model: torch.nn.Module, request, free_bytes: int | None = None) -> int:
+    """The slot count of a call: ``request.decode_config.max_slots`` resolved, in ``[1, B]``.
+
+    Raises
+    ------
+    ValueError
+        ``"auto"`` and not even one row fits; or an option that needs the whole batch at once
+        (``output_scores``/``output_logits``, stopping criteria without an EOS id) with fewer slots than rows.
+    """
+    config, batch_size = request.decode_config, request.batch_size
     if config.max_slots is None:
         return batch_size
     if config.max_slots == "auto":
-        return auto_slots(model, config, batch_size, max_prompt, max_new_tokens, lookahead, draft_model)
-    return min(int(config.max_slots), batch_size)
+        draft = request.speculation.assistant_model if request.speculation is not None else None
+        slots = auto_slots(model, config, batch_size, row_layout(request)[1], draft, free_bytes)
+    else:
+        slots = min(int(config.max_slots), batch_size)
+    if slots < batch_size:
+        if request.output_scores or request.output_logits:
+            raise ValueError(
+                f"DecodeConfig.max_slots={config.max_slots!r} gives {slots} slots for {batch_size} rows: "
+                "output_scores/output_logits hold one [B, V] tensor per step of the whole batch, which rows "
+                "admitted later do not share; drop max_slots or the per-step outputs"
+            )
+        if request.stopping_criteria and not request.eos_token_ids:
+            raise ValueError(
+                f"DecodeConfig.max_slots={config.max_slots!r} with stopping criteria but no EOS token id: "
+                "rows a criterion ends keep generating until every row is done (as transformers does), "
+                "which needs the whole batch at once; set eos_token_id or drop max_slots"
+            )
+    return slots

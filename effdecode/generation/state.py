@@ -1,8 +1,9 @@
 """Per-slot state of one call, the rows still decoding, and what a step plans and emits.
 
 Everything per row lives in buffers indexed by *slot* (``[slots, ...]``); ``rows`` (int32, on the device, with
-its int64 and host copies) lists the slots in the forward batch. Rows leave in one place (:meth:`shrink`);
-with continuous batching that is also where they would join.
+its int64 and host copies) lists the slots in the forward batch, ``requests_*`` the request row each holds.
+Rows leave in one place (:meth:`DecodeState.shrink`); with continuous batching (``DecodeConfig.max_slots``)
+waiting requests take the freed slots there (:meth:`DecodeState.admit`, joining after the step's forward).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.steps import right_aligned_windows
 
 
 @dataclass
@@ -64,8 +66,41 @@ class StepPlan:
         return self.input_ids.shape[1]
 
 
+@dataclass
+class Admission:
+    """Waiting requests admitted into free slots in one step (prefilled together in one forward).
+
+    Attributes
+    ----------
+    slots, requests : np.ndarray
+        int64 ``[A]`` the slots and the request rows they now hold (host), in request order.
+    slots_dev, requests_dev : torch.Tensor
+        The same on the device.
+    input_ids : torch.Tensor
+        int64 ``[A, T0]`` their left-padded prompts (as in the request).
+    prompt_lens : torch.Tensor
+        int32 ``[A]`` (``prompt_lens_host`` on the host).
+    inputs_embeds : torch.Tensor or None
+        ``[A, T0, H]`` where the request gives them.
+    """
+
+    slots: np.ndarray
+    requests: np.ndarray
+    slots_dev: torch.Tensor
+    requests_dev: torch.Tensor
+    input_ids: torch.Tensor
+    prompt_lens: torch.Tensor
+    prompt_lens_host: np.ndarray
+    inputs_embeds: torch.Tensor | None = None
+
+
 class DecodeState:
-    """The call's output buffer, per-row token counts and the active rows.
+    """The call's per-slot buffers, the active rows (slots) and the per-request results.
+
+    A slot holds one request at a time (``request_of``); with ``slots < B`` (``DecodeConfig.max_slots``)
+    waiting requests take the slots of finished ones (:meth:`admit`, :meth:`join`). Per-request results
+    (``out_sequences``, ``out_new_tokens``, ``row_forwards``) are indexed by request row and filled when a row
+    leaves (:meth:`harvest`); with ``slots == B`` slot ``i`` holds request ``i`` throughout.
 
     Parameters
     ----------
@@ -74,39 +109,113 @@ class DecodeState:
         Most columns a step may write past a row's end.
     keep_history : bool
         Keep left-aligned histories (prompt without padding, then new tokens) for the drafters.
+    slots : int
+        KV slots of the call (``<= B``).
     """
 
-    def __init__(self, request: GenerationRequest, lookahead: int, keep_history: bool) -> None:
+    def __init__(self, request: GenerationRequest, lookahead: int, keep_history: bool, slots: int) -> None:
         input_ids = request.input_ids
         device = input_ids.device
         self.device = device
+        self.request = request
         self.batch_size, self.prompt_width = input_ids.shape
+        self.num_slots = slots
         self.max_new = request.max_new_tokens
         self.pad = request.pad_token_id if request.pad_token_id is not None else 0
         width = self.prompt_width + self.max_new + lookahead + 1
-        self.sequences = torch.full((self.batch_size, width), self.pad, dtype=torch.long, device=device)
-        self.sequences[:, : self.prompt_width] = input_ids
-        self.new_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=device)
-        self.width_bound = 0  # host-side bound of max(new_tokens)
+        self.sequences = torch.full((slots, width), self.pad, dtype=torch.long, device=device)
+        self.new_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.out_sequences = torch.full((self.batch_size, width), self.pad, dtype=torch.long, device=device)
+        self.out_sequences[:, : self.prompt_width] = input_ids
+        self.out_new_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=device)
+        self.width_bound = 0  # host-side bound of max(new_tokens) over the active rows
         self.history = self.history_lens = None
         if keep_history:
             capacity = self.prompt_width + self.max_new + lookahead
-            self.history = torch.zeros(self.batch_size, capacity, dtype=torch.long, device=device)
-            columns = torch.arange(self.prompt_width, device=device)
-            padding = (self.prompt_width - request.prompt_lens.long())[:, None]
-            source = (columns[None, :] + padding).clamp(max=self.prompt_width - 1)
-            self.history[:, : self.prompt_width] = input_ids.gather(1, source)
-            self.history_lens = request.prompt_lens.clone()
-        self.rows = torch.arange(self.batch_size, dtype=torch.int32, device=device)
+            self.history = torch.zeros(slots, capacity, dtype=torch.long, device=device)
+            self.history_lens = torch.zeros(slots, dtype=request.prompt_lens.dtype, device=device)
+        self.rows = torch.zeros(0, dtype=torch.int32, device=device)
         self.rows_long = self.rows.long()
-        self.rows_host = np.arange(self.batch_size)
-        self.ones = torch.ones(self.batch_size, dtype=torch.int32, device=device)  # never written
+        self.rows_host = np.zeros(0, dtype=np.int64)
+        self.requests_long = self.rows_long  # request row of each active row (device / host)
+        self.requests_host = self.rows_host
+        self.leading = True  # rows == arange(R): the attention op may skip the gather
+        self.request_of = np.full(slots, -1, dtype=np.int64)  # request row held by each slot
+        self.request_of_dev = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self.next_request = 0  # requests [next_request, B) wait for a slot
+        self.free_slots = list(range(slots))  # host, kept in increasing order
+        self.prompt_lens_host = request.prompt_lens.cpu().numpy()
+        self.ones = torch.ones(slots, dtype=torch.int32, device=device)  # never written
         self.forwards = 0  # target forwards so far (prefill included)
+        self.prefills = 0  # of which prefills (admissions)
+        # Per slot: step forwards (not prefills) before its row joined; a row takes part in its own prefill
+        # and every step forward after it until it leaves.
+        self.joined = torch.zeros(slots, dtype=torch.long, device=device)
         self.row_forwards = torch.zeros(self.batch_size, dtype=torch.long, device=device)  # set on leaving
+        self.reused = False  # some slot held more than one request
 
-    def ends(self) -> torch.Tensor:
-        """int64 ``[R]``: each active row's last column in ``sequences``."""
-        return self.prompt_width + self.new_tokens[self.rows_long] - 1
+    @property
+    def waiting(self) -> int:
+        """Requests not admitted yet."""
+        return self.batch_size - self.next_request
+
+    def admit(self) -> Admission | None:
+        """Waiting requests into the free slots (request order, lowest slots first), or None."""
+        count = min(len(self.free_slots), self.waiting)
+        if count == 0:
+            return None
+        slots = np.asarray(self.free_slots[:count], dtype=np.int64)
+        del self.free_slots[:count]
+        requests = np.arange(self.next_request, self.next_request + count, dtype=np.int64)
+        self.reused |= bool((self.request_of[slots] >= 0).any())
+        self.next_request += count
+        request, device = self.request, self.device
+        slots_dev = torch.as_tensor(slots, device=device)
+        requests_dev = torch.as_tensor(requests, device=device)
+        if count == self.batch_size:  # every request at once (no max_slots): no gathers
+            input_ids, prompt_lens, embeds = request.input_ids, request.prompt_lens, request.inputs_embeds
+        else:
+            input_ids = request.input_ids.index_select(0, requests_dev)
+            prompt_lens = request.prompt_lens.index_select(0, requests_dev)
+            embeds = request.inputs_embeds
+            embeds = embeds.index_select(0, requests_dev) if embeds is not None else None
+        self.request_of[slots] = requests
+        self.request_of_dev[slots_dev] = requests_dev
+        self.sequences[slots_dev] = self.out_sequences.index_select(0, requests_dev)
+        self.new_tokens[slots_dev] = 0
+        if self.history is not None:
+            columns = torch.arange(self.prompt_width, device=device)
+            padding = (self.prompt_width - prompt_lens.long())[:, None]
+            source = (columns[None, :] + padding).clamp(max=self.prompt_width - 1)
+            self.history[slots_dev, : self.prompt_width] = input_ids.gather(1, source)
+            self.history_lens[slots_dev] = prompt_lens.to(self.history_lens.dtype)
+        return Admission(
+            slots, requests, slots_dev, requests_dev, input_ids, prompt_lens, self.prompt_lens_host[requests],
+            embeds,
+        )  # fmt: skip
+
+    def join(self, admission: Admission) -> None:
+        """The admitted slots join the active rows (after the step's rows)."""
+        self.joined[admission.slots_dev] = self.forwards - self.prefills  # (after the step's forward)
+        self.rows_host = np.concatenate([self.rows_host, admission.slots])
+        self.requests_host = np.concatenate([self.requests_host, admission.requests])
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        device = self.device
+        self.rows_long = torch.as_tensor(self.rows_host, device=device)
+        self.rows = self.rows_long.to(torch.int32)
+        self.requests_long = torch.as_tensor(self.requests_host, device=device)
+        self.leading = bool((self.rows_host == np.arange(len(self.rows_host))).all())
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows_host)
+
+    def ends(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 ``[R]``: each active row's (or each of ``rows``') last column in ``sequences``."""
+        rows = self.rows_long if rows is None else rows
+        return self.prompt_width + self.new_tokens[rows] - 1
 
     def rewind(self, rewind: torch.Tensor) -> None:
         """Take ``rewind`` (int64 ``[R]``) tokens back from the active rows' ends."""
@@ -139,25 +248,55 @@ class DecodeState:
             self.history_lens[rows] += counts.to(self.history_lens.dtype)
         self.width_bound += emitted.shape[1]
 
-    def history_for_processors(self) -> torch.Tensor:
-        """``[R, L]`` the active rows' tokens so far, prompt padding included (as transformers has them)."""
+    def history_for_processors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[R, L]`` the active rows' (or ``rows``') tokens so far, each right-aligned in ``L`` columns: its
+        prompt as given (padding included, as transformers has it) and its new tokens, left-filled with pad
+        where a row has fewer new tokens than the longest (admitted later, or back from a probe)."""
+        rows = self.rows_long if rows is None else rows
         width = self.prompt_width + min(self.width_bound, self.max_new)
-        return self.sequences[:, :width].index_select(0, self.rows_long)
+        return right_aligned_windows(self.sequences, rows, self.ends(rows), width, self.pad)
 
-    def shrink(self, stay: np.ndarray) -> torch.Tensor:
-        """Rows where ``stay`` (bool ``[R]``, host) is False leave; returns the device index of the rest."""
-        leaving = self.rows_long[torch.as_tensor(np.flatnonzero(~stay), device=self.device)]
-        self.row_forwards[leaving] = self.forwards
+    def full_view(self, width: int, windows: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' ``input_ids`` ``[B, width]`` (row ``i`` always request ``i``): the active rows'
+        ``windows`` (default: each one's last ``width`` tokens), finished rows' tokens then pads, waiting
+        rows' prompts then pads."""
+        if windows is None:
+            windows = right_aligned_windows(self.sequences, self.rows_long, self.ends(), width, self.pad)
+        full = self.out_sequences[:, :width].clone()
+        full[self.requests_long] = windows
+        return full
+
+    def shrink(self, stay: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Rows where ``stay`` (bool ``[R]``, host) is False leave and free their slots.
+
+        Returns the device index of the rows that stay, and the slots and request rows that left (host).
+        """
+        leaving = ~stay
+        slots, requests = self.rows_host[leaving], self.requests_host[leaving]
+        self.harvest(slots, requests)
+        self.free_slots = sorted(self.free_slots + slots.tolist())
         keep = torch.as_tensor(np.flatnonzero(stay), device=self.device)
-        self.rows = self.rows.index_select(0, keep)
-        self.rows_long = self.rows.long()
-        self.rows_host = self.rows_host[stay]
-        return keep
+        self.rows_host, self.requests_host = self.rows_host[stay], self.requests_host[stay]
+        self._rows_changed()
+        return keep, slots, requests
+
+    def harvest(self, slots: np.ndarray, requests: np.ndarray) -> None:
+        """Copy the results of the rows in ``slots`` (host) into their request rows (device ops only)."""
+        if slots.size == 0:
+            return
+        if self.num_slots == self.batch_size and not self.reused:
+            slots_dev = requests_dev = torch.as_tensor(slots, device=self.device)
+        else:
+            slots_dev = torch.as_tensor(slots, device=self.device)
+            requests_dev = torch.as_tensor(requests, device=self.device)
+        self.out_sequences[requests_dev] = self.sequences.index_select(0, slots_dev)
+        self.out_new_tokens[requests_dev] = self.new_tokens.index_select(0, slots_dev)
+        steps = self.forwards - self.prefills
+        self.row_forwards[requests_dev] = 1 + steps - self.joined.index_select(0, slots_dev)
 
     def result(self) -> torch.Tensor:
         """``[B, T0 + longest]`` sequences: the prompts, then each row's tokens (<= ``max_new_tokens``)."""
-        self.row_forwards[self.rows_long] = self.forwards
-        self.new_tokens.clamp_(max=self.max_new)  # a committed probe may run past max_new_tokens
-        columns = torch.arange(self.sequences.shape[1], device=self.device)[None, :]
-        self.sequences.masked_fill_(columns >= self.prompt_width + self.new_tokens[:, None], self.pad)
-        return self.sequences[:, : self.prompt_width + int(self.new_tokens.max())]
+        self.out_new_tokens.clamp_(max=self.max_new)  # a committed probe may run past max_new_tokens
+        columns = torch.arange(self.out_sequences.shape[1], device=self.device)[None, :]
+        self.out_sequences.masked_fill_(columns >= self.prompt_width + self.out_new_tokens[:, None], self.pad)
+        return self.out_sequences[:, : self.prompt_width + int(self.out_new_tokens.max())]

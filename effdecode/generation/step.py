@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.distributed import agree_any, tp_group
+from effdecode.generation.admission import RowStats, join_emissions
 from effdecode.generation.compiled import chooses_in_graph
 from effdecode.generation.compressing import Compression
 from effdecode.generation.drafting import Drafting
@@ -22,8 +22,10 @@ from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache, as_normal_tensors
 from effdecode.generation.outputs import StepOutputs
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.slots import row_layout, slots_for
 from effdecode.generation.state import DecodeState, Emission, StepPlan
 from effdecode.generation.stopping import StopLogic
+from effdecode.generation.streams import row_seeds
 from effdecode.generation.target import TargetModel
 from effdecode.generation.thinking import ThinkingController
 from effdecode.generation.user_hooks import live_view
@@ -48,48 +50,38 @@ class DecodeCall:
     def __init__(self, model: torch.nn.Module, request: GenerationRequest, started: float) -> None:
         self.model = model
         self.request = request
+        self.started = started
         config = request.decode_config
         batch_size = request.input_ids.shape[0]
-        max_prompt = int(request.prompt_lens.max())
+        lookahead, capacity, _ = row_layout(request)
+        slots = slots_for(model, request)  # (ValueErrors before any work)
         thinking = None
         if request.thinking is not None:
             vocab_size = model.get_output_embeddings().weight.shape[0]
-            thinking = ThinkingController(
-                request.thinking, request.input_ids, request.prompt_lens, vocab_size
-            )
+            thinking = ThinkingController(request.thinking, slots, model.device, vocab_size)
         self.thinking = thinking
         self.deer = thinking is not None and thinking.plan.early_exit
-        # A probe holds [probe text, answer tokens] past the row's entries until it is decided.
-        probe_room = thinking.probe_width + thinking.plan.answer_tokens if self.deer else 0
         speculation = request.speculation
-        forced = len(request.thinking.forced_ids) if thinking is not None else 0
-        # Columns a step may write past a row's end: drafts, forced text or a probe, and one more.
-        lookahead = 0
-        if speculation is not None or thinking is not None:
-            lookahead = 1 + max(speculation.num_draft if speculation else 0, forced, probe_room)
-        needed = max_prompt + request.max_new_tokens + lookahead
-        capacity = needed
-        if config.compresses:  # a row's inputs stop at its KV limit: no room past it but a probe's
-            capacity = KVCompressor.capacity_for(config, max_prompt, needed) + probe_room
-        cache, graphs = decode_cache(model, config, batch_size, capacity)
+        cache, graphs = decode_cache(model, config, slots, capacity)
         self.target = TargetModel(model, cache, graphs, config.attn_backend)
         self.compile_before = graphs.compile_time_s if graphs is not None else 0.0
         # Greedy with nothing between the forward and the argmax: a compiled step chooses the tokens itself.
         self.choose_in_graph = config.compile and thinking is None and chooses_in_graph(request)
-        self.compression = (
-            Compression(config, cache, request.prompt_lens, thinking) if config.compresses else None
-        )
-        self.pipeline = LogitsPipeline(request, model.device)
+        self.compression = None
+        if config.compresses:
+            no_prompts = torch.zeros(slots, dtype=torch.int32, device=model.device)  # filled on admission
+            self.compression = Compression(config, cache, no_prompts, thinking)
+        self.pipeline = LogitsPipeline(request, model.device, slots)
         tensor_parallel = tp_group(model) is not None
         self.drafting = (
-            Drafting(request, capacity, timed_gate=not (request.do_sample or tensor_parallel))
+            Drafting(request, capacity, timed_gate=not (request.do_sample or tensor_parallel), slots=slots)
             if speculation is not None
             else None
         )
         agree = functools.partial(agree_any, model) if tensor_parallel else None
-        self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree)
+        self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree, slots)
         self.outputs = StepOutputs(request)
-        self.state = DecodeState(request, lookahead, keep_history=speculation is not None)
+        self.state = DecodeState(request, lookahead, keep_history=speculation is not None, slots=slots)
         # Options that need one token per step (they exclude drafting): forced text goes one token a step.
         self.one_token = (
             self.pipeline.needs_history
@@ -98,14 +90,17 @@ class DecodeCall:
             or (request.streamer is not None and batch_size > 1)
             or not self.stop.rows_leave
         )
-        # Every row emits one token a step (no drafts, no thinking control): the host knows their counts.
-        self.uniform = speculation is None and thinking is None
+        # Every row emits one token a step (no drafts, no thinking control, no late admissions): the host
+        # knows their counts.
+        self.uniform = speculation is None and thinking is None and slots == batch_size
         if request.do_sample and speculation is not None:  # per-row streams of the verify sampler
-            self.seeds = torch.randint(0, 2**62, (batch_size,), device=model.device)
-            self.offsets = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+            self.seeds = torch.zeros(slots, dtype=torch.long, device=model.device)
+            self.offsets = torch.zeros(slots, dtype=torch.long, device=model.device)
         nbytes = cache.nbytes + sum(p.nbytes for p in (self.drafting, self.compression) if p is not None)
-        self.stats = GenerationStats(kv_peak_bytes=nbytes)
-        self.kv_bound = max_prompt  # host bound of the rows' cache lengths
+        self.stats = GenerationStats(kv_peak_bytes=nbytes, slots=slots)
+        self.rows_stats = RowStats(batch_size, model.device, self)
+        self.bounds = np.zeros(slots, dtype=np.int64)  # host bounds of each slot's cache length
+        self.step_rows = 0  # rows of the step's forward; the rows after them joined from a prefill
         self.last_tokens: torch.Tensor | None = None  # [R] each row's token to feed next
         self.triggered_host: np.ndarray | None = None  # [R] trigger lengths (DEER) from the last sync
         self.any_forcing = False  # some row forces thinking text next step (from the last sync)
@@ -120,23 +115,64 @@ class DecodeCall:
     # -- prefill -------------------------------------------------------------------------------------------
 
     def prefill(self) -> Emission:
-        """All prompts in one forward; the first token of every row."""
-        request, state = self.request, self.state
+        """The first rows' prompts in one forward (every row without ``max_slots``); their first tokens."""
         self.outputs.start()
+        return self.join(None, self.admit())
+
+    def admit(self) -> tuple | None:
+        """Waiting requests into the free slots: participants start them afresh, one prefill forward over
+        them, their first tokens (not yet in ``rows``: :meth:`join` adds them after the step's own rows).
+
+        Returns None (nothing admitted) or ``(admission, emission, forced_counts)``.
+        """
+        request, state = self.request, self.state
+        admission = state.admit()
+        if admission is None:
+            return None
+        slots = admission.slots_dev
+        self.pipeline.admit(slots, admission.requests_dev, admission.prompt_lens)
+        self.stop.admit(slots)
+        if request.do_sample and self.drafting is not None:
+            self.seeds[slots] = row_seeds(self.pipeline.base_seed + 1, admission.requests_dev)
+            self.offsets[slots] = 0
+        if self.thinking is not None:
+            self.thinking.admit(slots, admission.slots, admission.input_ids, admission.prompt_lens)
         scores = None
         if self.compression is not None:
-            scores = self.compression.prefill_scores(state.rows_host, request.prompt_lens.cpu().numpy())
-        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores, request.inputs_embeds)
-        state.forwards = 1
+            self.compression.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
+            scores = self.compression.prefill_scores(admission.slots, admission.prompt_lens_host)
+        self.bounds[admission.slots] = admission.prompt_lens_host
+        logits = self.target.prefill(
+            admission.input_ids, admission.prompt_lens, scores, admission.inputs_embeds,
+            None if (admission.slots == np.arange(len(admission.slots))).all() else slots,
+        )  # fmt: skip
+        state.forwards += 1
+        state.prefills += 1
         if self.drafting is not None:
-            self.drafting.prefill(request.input_ids, request.prompt_lens)
-        emission = self._choose_one(logits)
+            self.drafting.prefill(admission)
+        emission = self._choose_one(logits, rows=slots, requests=admission.requests_dev)
+        forced_counts = None
         if self.thinking is not None:  # (a thinking budget of 0 forces the first token already)
-            _, forced, forced_counts = self.thinking.limits(state.rows_long, emission.counts.long())
+            _, forced, forced_counts = self.thinking.limits(slots, emission.counts.long())
             emission.tokens, emission.counts = self.thinking.apply_forced(
                 emission.tokens, emission.counts, forced, forced_counts
             )
-        return emission
+        self.rows_stats.first_token(admission.requests)
+        return admission, emission, forced_counts
+
+    def join(self, emission: Emission | None, fresh: tuple | None) -> Emission:
+        """The step's emission (None: no row ran) followed by the admitted rows' first tokens; they join."""
+        state = self.state
+        self.step_rows = state.num_rows
+        if fresh is None:
+            return emission
+        admission, first, fresh_forced = fresh
+        state.join(admission)
+        if self.thinking is not None:  # forced tokens of the step's rows (from its plan), then the new rows'
+            step_forced = self.thinking.forced_counts if emission is not None else None
+            parts = [step_forced] if step_forced is not None else []
+            self.thinking.forced_counts = torch.cat([*parts, fresh_forced])
+        return first if emission is None else join_emissions(emission, first)
 
     # -- update: append, cut, react, sync -----------------------------------------------------------------
 
@@ -162,9 +198,12 @@ class DecodeCall:
         run_counts = counts if free is None else torch.where(free, counts, 0)
         triggered = self._thinking_after_append(run_counts, probe) if thinking is not None else None
         # A forward wrote the last token and the drafts; the last token and the accepted drafts (``counts``
-        # entries) stay. The prefill's first token is not in the cache yet; busy rows advanced already.
-        if state.forwards > 1:
+        # entries) stay. A prefill's first token is not in the cache yet (the rows after ``step_rows`` joined
+        # from one); busy rows advanced already.
+        if self.step_rows == state.num_rows:
             self.target.advance(state.rows_long, run_counts)
+        elif self.step_rows:
+            self.target.advance(state.rows_long[: self.step_rows], run_counts[: self.step_rows])
         if self.drafting is not None:
             self.drafting.rollback(state, state.history_lens[state.rows_long] - 1)
         last = (
@@ -212,7 +251,8 @@ class DecodeCall:
             parts.append(stop.unfinished[state.rows_long])
         if len(parts) == 1:
             leaving_host = leaving.cpu().numpy()  # the step's one sync
-            return ~leaving_host, bool(leaving_host.all()) or self._all_full()
+            done = bool(leaving_host.all()) or self._all_full()
+            return ~leaving_host, done and not state.waiting
         synced = iter(torch.stack([part.long() for part in parts]).cpu().numpy())  # the step's one sync
         leaving_host = next(synced).astype(bool)
         kept_host = next(synced) if self.compression is not None or self.drafting is not None else None
@@ -230,22 +270,24 @@ class DecodeCall:
             thinking.probes_decided(*decided)
         if thinking is not None:
             self.any_forcing = bool(next(synced).any())
-        if self.compression is not None:
-            self.compression.after_sync(state.rows_host, kept_host, state.forwards == 1, decided)
+        if self.compression is not None:  # (rows fresh from a prefill have their prompts' lengths already)
+            step = self.step_rows
+            self.compression.after_sync(state.rows_host[:step], kept_host[:step], step == 0, decided)
         done = bool(leaving_host.all()) or self._all_full()
         if not stop.rows_leave:
             done = done or stop.all_done(next(synced))
-        return ~leaving_host, done
+        return ~leaving_host, done and not state.waiting
 
     def _all_full(self) -> bool:
         """Rows that advance together (one token a step) all reach ``max_new_tokens`` at once: known here."""
         return self.uniform and self.state.width_bound >= self.state.max_new
 
     def shrink(self, stay: np.ndarray) -> None:
-        """Finished rows leave the batch (nothing is copied; their slots keep their KV)."""
+        """Finished rows leave the batch (nothing is copied; their slots keep their KV until reused)."""
         if stay.all():
             return
-        keep = self.state.shrink(stay)
+        keep, slots, requests = self.state.shrink(stay)
+        self.rows_stats.leave(slots, requests)
         self.last_tokens = self.last_tokens.index_select(0, keep)
         if self.triggered_host is not None:
             self.triggered_host = self.triggered_host[stay]
@@ -279,7 +321,8 @@ class DecodeCall:
         drafts = draft_lens = draft_probs = None
         if self.drafting is not None:
             all_may_pause = compression is None and thinking is None
-            drafts, draft_lens, draft_probs = self.drafting.propose(state, cap, self.kv_bound, all_may_pause)
+            kv_bound = int(self.bounds[state.rows_host].max())
+            drafts, draft_lens, draft_probs = self.drafting.propose(state, cap, kv_bound, all_may_pause)
         proposed = (drafts, draft_lens) if drafts is not None else None
         last = self.last_tokens
         if thinking is not None and (self.any_forcing or drafts is not None):
@@ -325,9 +368,9 @@ class DecodeCall:
             plan.scores, plan.kv_bound = self.compression.step_scores(
                 state.rows_host, num_cols, num_cols == 1
             )
-        else:
-            plan.kv_bound = self.kv_bound + num_cols
-        self.kv_bound += num_cols
+        self.bounds[state.rows_host] += num_cols
+        if self.compression is None:
+            plan.kv_bound = int(self.bounds[state.rows_host].max())
         return plan
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
@@ -338,8 +381,8 @@ class DecodeCall:
             plan.num_cols == 1 or plan.proposed is None and (self.one_token or not self.any_forcing)
         )
         logits = self.target.forward(
-            state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound,
-            state.rows.shape[0] == state.batch_size, plan.scores, plan.last_only, self.choose_in_graph,
+            state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound, state.leading,
+            plan.scores, plan.last_only, self.choose_in_graph,
         )  # fmt: skip
         plan.chosen = self.target.chosen
         state.forwards += 1
@@ -377,19 +420,29 @@ class DecodeCall:
             emission.probe = probe
         return emission
 
-    def _choose_one(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> Emission:
-        """One token per row from last-column logits ``[R, V]`` (processors, warpers, greedy or a draw)."""
+    def _choose_one(
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        requests: torch.Tensor | None = None,
+    ) -> Emission:
+        """One token per row from last-column logits ``[R, V]`` (processors, warpers, greedy or a draw).
+
+        ``rows`` / ``requests`` (int64 ``[R]``): the slots and request rows of the logits (default: the
+        active rows).
+        """
         state = self.state
+        if rows is None:
+            rows, requests = state.rows_long, state.requests_long
         if history is None and self.pipeline.needs_history:
-            history = state.history_for_processors()
+            history = state.history_for_processors(rows)
         user_view = None
-        if self.request.logits_processors:  # transformers' view: the whole batch, row i always row i
+        if self.request.logits_processors:  # transformers' view: the whole batch, row i always request i
             width = state.prompt_width + min(state.width_bound, state.max_new)
-            user_view = (live_view(state, width), state.rows_long)
-        scores = self.pipeline.process(
-            logits, history, state.new_tokens[state.rows_long], user_view, rows=state.rows_long
-        )
-        tokens = self.pipeline.choose(scores, state.rows_long)
+            user_view = (live_view(state, width), requests)
+        scores = self.pipeline.process(logits, history, state.new_tokens[rows], user_view, rows=rows)
+        tokens = self.pipeline.choose(scores, rows)
         counts = state.ones[: tokens.shape[0]]
         return Emission(tokens[:, None], counts, scores=scores, logits=logits)
 
@@ -425,21 +478,18 @@ class DecodeCall:
         """The HF-format result: sequences (with ``return_dict_in_generate``: scores/logits, stats)."""
         state, stats = self.state, self.stats
         self.outputs.end()
+        if state.num_rows:  # the rows still running finish with the call
+            state.harvest(state.rows_host, state.requests_host)
+            self.rows_stats.leave(state.rows_host, state.requests_host)
         sequences = state.result()
         stats.target_forwards = state.forwards
-        stats.new_tokens = state.new_tokens.tolist()
+        stats.new_tokens = state.out_new_tokens.tolist()
         stats.target_row_forwards = state.row_forwards.tolist()
         if self.drafting is not None:
             stats.draft_forwards = self.drafting.forwards
-            stats.proposed_draft_tokens = self.drafting.proposed.tolist()
-            stats.accepted_draft_tokens = self.drafting.accepted.tolist()
         if self.compression is not None:
             self.compression.finish(stats)
-        else:
-            stats.kv_peak_tokens = int(self.target.cache.cache_lens.max())
-        if self.thinking is not None:
-            stats.thinking_tokens = self.thinking.thinking_tokens()
-            stats.early_exits = self.thinking.early_exits.tolist()
+        self.rows_stats.fill(stats)
         stats.wall_time_s = time.perf_counter() - started
         graphs = self.target.graphs
         if graphs is not None:
@@ -453,6 +503,8 @@ class DecodeCall:
             logits=as_normal_tensors(outputs.logits) if self.request.output_logits else None,
             stats=stats,
         )
+        if state.reused or state.num_slots < state.batch_size:
+            return output  # rows that left gave their slots away: no transformers cache to return
         target = self.target  # transformers' cache, built from the slot cache when first read
         batch_size = sequences.shape[0]
         return output.attach_cache(
@@ -460,7 +512,7 @@ class DecodeCall:
                 target.cache,
                 torch.arange(batch_size, device=sequences.device),
                 self.request.prompt_lens,
-                state.new_tokens,
+                state.out_new_tokens,
                 state.prompt_width,
                 sequences.shape[1] - 1,
                 target.model.config,

@@ -44,35 +44,48 @@ def prefill(
     backend: str,
     scores: list[torch.Tensor] | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write every prompt into its slot (slot ``b`` = row ``b``) in one forward; advance lengths/positions.
+    """Write every prompt into its slot in one forward; set the slots' lengths/positions to the prompts'.
 
     Parameters
     ----------
     input_ids : torch.Tensor
-        int64 ``[B, T0]``, left-padded, so the real tokens are right-aligned as the attention layout wants.
+        int64 ``[A, T0]``, left-padded, so the real tokens are right-aligned as the attention layout wants.
     prompt_lens : torch.Tensor
-        int32 ``[B]`` real tokens per row.
+        int32 ``[A]`` real tokens per row.
+    slots : torch.Tensor, optional
+        int64 ``[A]`` the slots to fill (their old entries are dropped); None: slots ``0 .. A-1``.
 
     Returns
     -------
     torch.Tensor
-        ``[B, V]`` logits after each row's last prompt token (``logits_to_keep=1`` is exact because the
+        ``[A, V]`` logits after each row's last prompt token (``logits_to_keep=1`` is exact because the
         last column is every row's last prompt token).
     """
     batch_size, prompt_width = input_ids.shape
     device = input_ids.device
     max_prompt = int(prompt_lens.max())
+    if max_prompt < prompt_width:  # columns that are padding in every row: left out of the forward
+        input_ids = input_ids[:, prompt_width - max_prompt :]
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds[:, prompt_width - max_prompt :]
+        prompt_width = max_prompt
+    leading = slots is None
+    if slots is None:
+        slots = torch.arange(batch_size, device=device)
+    cache.cache_lens[slots] = 0
+    cache.positions[slots] = 0
     columns = torch.arange(prompt_width, device=device)
     padding = prompt_width - prompt_lens.long()
     position_ids = (columns[None, :] - padding[:, None]).clamp_(min=0)
     batch = SlotBatch(
-        torch.arange(batch_size, dtype=torch.int32, device=device),
+        slots.to(torch.int32),
         cache.cache_lens,
         prompt_lens,
         kv_len_bound=max_prompt,
         backend=backend,
-        rows_are_leading_slots=True,
+        rows_are_leading_slots=leading,
         q_full=max_prompt == int(prompt_lens.min()),
     )
     prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
@@ -80,8 +93,8 @@ def prefill(
     logits = forward_logits(
         model, cache, batch, prefill_ids, position_ids, scores=scores, inputs_embeds=inputs_embeds
     )
-    cache.cache_lens[:batch_size] += prompt_lens
-    cache.positions[:batch_size] += prompt_lens.long()
+    cache.cache_lens[slots] = prompt_lens.to(torch.int32)
+    cache.positions[slots] = prompt_lens.long()
     return logits
 
 

@@ -37,6 +37,7 @@ class StopLogic:
         eos_ids: torch.Tensor,
         started: float,
         agree: Callable[[Any], Any] | None = None,
+        slots: int | None = None,
     ) -> None:
         # Under tensor parallel, host decisions read off the clock or a user criterion are OR-ed over the
         # ranks (effdecode.distributed.agree_any), or one rank would run a forward the others skip.
@@ -46,10 +47,15 @@ class StopLogic:
         self.max_new = request.max_new_tokens
         self.deadline = started + request.max_time if request.max_time is not None else None
         self.rows_leave = eos_ids.numel() > 0
-        batch_size = request.input_ids.shape[0]
+        slots = request.input_ids.shape[0] if slots is None else slots
         self.unfinished = (
-            None if self.rows_leave else torch.ones(batch_size, dtype=torch.bool, device=eos_ids.device)
+            None if self.rows_leave else torch.ones(slots, dtype=torch.bool, device=eos_ids.device)
         )
+
+    def admit(self, slots: torch.Tensor) -> None:
+        """Rows new in ``slots`` (int64) are unfinished."""
+        if self.unfinished is not None:
+            self.unfinished[slots] = True
 
     def cut_runs(
         self, state: DecodeState, emitted: torch.Tensor, counts: torch.Tensor
@@ -88,9 +94,8 @@ class StopLogic:
             extended[local, column] = torch.where(present, emitted[:, j], extended[local, column])
             windows = right_aligned_windows(extended, local, ends + 1 + j, width, state.pad)
             # transformers' view: the whole batch (rows that left: their tokens, then pads), row i is row i.
-            full = state.sequences[:, :width].clone()
-            full[state.rows_long] = windows
-            hit = self.agree(criteria_hit(self.criteria, full, None, state.rows_long)) & present
+            full = state.full_view(width, windows)
+            hit = self.agree(criteria_hit(self.criteria, full, None, state.requests_long)) & present
             counts = torch.where(hit, j + 1, counts)
             finished |= hit
             pending &= ~hit
@@ -113,7 +118,7 @@ class StopLogic:
         if self.criteria and one_token:
             width = state.prompt_width + min(state.width_bound, self.max_new)
             ids = live_view(state, width)  # transformers' view: the whole batch, row i always row i
-            finished = finished | self.agree(criteria_hit(self.criteria, ids, scores, state.rows_long))
+            finished = finished | self.agree(criteria_hit(self.criteria, ids, scores, state.requests_long))
         if uniform and self.rows_leave:
             return finished
         full = state.new_tokens[state.rows_long] >= self.max_new

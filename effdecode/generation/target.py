@@ -43,10 +43,13 @@ class TargetModel:
         prompt_lens: torch.Tensor,
         scores: list | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fill slots ``0 .. B-1`` with the left-padded prompts ``[B, T0]`` (fed as ``inputs_embeds``
-        ``[B, T0, H]`` where given); returns the logits ``[B, V]``."""
-        return prefill(self.model, self.cache, input_ids, prompt_lens, self.backend, scores, inputs_embeds)
+        """Fill ``slots`` (int64 ``[A]``; None: ``0 .. A-1``) with the left-padded prompts ``[A, T0]`` (fed as
+        ``inputs_embeds`` ``[A, T0, H]`` where given), in one forward; returns the logits ``[A, V]``."""
+        return prefill(
+            self.model, self.cache, input_ids, prompt_lens, self.backend, scores, inputs_embeds, slots
+        )
 
     def forward(
         self,

@@ -109,38 +109,19 @@ class ThinkingController(ProbeHooks):
     Parameters
     ----------
     plan : ThinkingPlan
-    input_ids : torch.Tensor
-        int64 ``[B, T0]`` left-padded prompts; ``prompt_lens`` int32 ``[B]``.
+    slots : int
+        Rows the state is kept for (:meth:`admit` fills them from their prompts).
+    device : torch.device
     vocab_size : int
         For the saved logits of probing rows.
     """
 
-    def __init__(
-        self, plan: ThinkingPlan, input_ids: torch.Tensor, prompt_lens: torch.Tensor, vocab_size: int
-    ):
+    def __init__(self, plan: ThinkingPlan, slots: int, device: torch.device, vocab_size: int) -> None:
         self.plan = plan
-        device = input_ids.device
-        slots, width = input_ids.shape
         self.device = device
-        self.prompt_lens = prompt_lens.long()
-        spans = torch.zeros(slots, 2, dtype=torch.long)
-        thinking = torch.zeros(slots, dtype=torch.bool)
-        lens = prompt_lens.tolist()
-        for row, prompt in enumerate(input_ids.tolist()):
-            tokens = prompt[width - lens[row] :]
-            if plan.start_ids is None:
-                spans[row] = torch.tensor([lens[row], OPEN_END])
-                thinking[row] = True
-                continue
-            opened = last_occurrence(tokens, plan.start_ids)
-            closed = last_occurrence(tokens, plan.end_ids)
-            if opened >= 0 and opened > closed:
-                spans[row] = torch.tensor([opened, OPEN_END])
-                thinking[row] = True
-            elif opened >= 0:
-                spans[row] = torch.tensor([opened, closed - len(plan.end_ids)])
-        self.spans = spans.to(device)
-        self.thinking = thinking.to(device)
+        self.prompt_lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.spans = torch.zeros(slots, 2, dtype=torch.long, device=device)
+        self.thinking = torch.zeros(slots, dtype=torch.bool, device=device)
         self.thought = torch.zeros(slots, dtype=torch.long, device=device)
         self.force_step = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.early_exits = torch.zeros(slots, dtype=torch.long, device=device)
@@ -173,6 +154,43 @@ class ThinkingController(ProbeHooks):
             self.trigger_len = torch.zeros(slots, dtype=torch.long, device=device)
 
         self.forced_counts: torch.Tensor | None = None  # [B] forced tokens of the current step's rows
+
+    def admit(
+        self, slots: torch.Tensor, slots_host: np.ndarray, input_ids: torch.Tensor, prompt_lens
+    ) -> None:
+        """Fresh state for the rows now in ``slots`` (int64 ``[A]``, host copy): spans from their prompts
+        (``input_ids`` ``[A, T0]`` left-padded, ``prompt_lens`` ``[A]``)."""
+        plan = self.plan
+        count, width = input_ids.shape
+        spans = torch.zeros(count, 2, dtype=torch.long)
+        thinking = torch.zeros(count, dtype=torch.bool)
+        lens = prompt_lens.tolist()
+        for row, prompt in enumerate(input_ids.tolist()):
+            tokens = prompt[width - lens[row] :]
+            if plan.start_ids is None:
+                spans[row] = torch.tensor([lens[row], OPEN_END])
+                thinking[row] = True
+                continue
+            opened = last_occurrence(tokens, plan.start_ids)
+            closed = last_occurrence(tokens, plan.end_ids)
+            if opened >= 0 and opened > closed:
+                spans[row] = torch.tensor([opened, OPEN_END])
+                thinking[row] = True
+            elif opened >= 0:
+                spans[row] = torch.tensor([opened, closed - len(plan.end_ids)])
+        self.prompt_lens[slots] = prompt_lens.to(self.device).long()
+        self.spans[slots] = spans.to(self.device)
+        self.thinking[slots] = thinking.to(self.device)
+        self.thought[slots] = 0
+        self.force_step[slots] = -1
+        self.early_exits[slots] = 0
+        self.confident[slots] = False
+        for host in (self.stage, self.trigger_len_host, self.base_host):
+            host[slots_host] = 0
+        for host in (self.armed, self.starting, self.refeed):
+            host[slots_host] = False
+        if plan.early_exit:
+            self.confidence[slots] = 0.0
 
     def limits(
         self, rows: torch.Tensor, room: torch.Tensor, free: torch.Tensor | None = None

@@ -114,7 +114,9 @@ def criteria_hit(
 def live_view(state, width: int) -> torch.Tensor:
     """transformers' ``input_ids`` ``[B, width]`` for a :class:`~effdecode.generation.state.DecodeState`.
 
-    Each live row shows its last ``width`` tokens (with every row at the same length, plain decoding, that is
-    exactly ``sequences[:, :width]``); rows that left show their tokens, then pads.
+    Row ``i`` is request row ``i``. Each live row shows its last ``width`` tokens (with every row at the same
+    length, plain decoding, that is exactly ``sequences[:, :width]``); rows that left show their tokens, then
+    pads; with ``DecodeConfig.max_slots``, rows still waiting for a slot show their prompt, then pads. Pair it
+    with ``state.requests_long`` (the live rows' request rows) for the hooks' per-row results.
     """
-    return ragged_full_batch_ids(state.sequences, state.rows_long, state.ends(), width, state.pad)
+    return state.full_view(width)
