@@ -40,8 +40,9 @@ from device_info import device_name, environment  # noqa: E402
 
 import effdecode  # noqa: E402
 from effdecode.batch_api import left_pad  # noqa: E402
+from effdecode.compression.kv_compressor import KVCompressor  # noqa: E402
 from effdecode.config import DecodeConfig  # noqa: E402
-from effdecode.generation.slots import auto_slots, row_bytes, row_capacity  # noqa: E402
+from effdecode.generation.slots import auto_slots, row_bytes  # noqa: E402
 from effdecode.workloads import extract_answer, generate_problems, load_reasoner  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -168,15 +169,13 @@ def _draft_info(stats) -> dict:
 
 
 def kv_slots(work: Workload) -> int:
-    """Slots with the KV budget in the memory ``width`` full-KV slots take."""
+    """Slots with the KV budget in the memory ``width`` full-KV slots take (plain decoding: no lookahead)."""
     longest = max(len(p) for p in work.prompts)
-    full = row_bytes(
-        work.model, DecodeConfig(), row_capacity(DecodeConfig(), longest, work.max_new_tokens, 0)
-    )
+    full_capacity = longest + work.max_new_tokens
+    full = row_bytes(work.model, DecodeConfig(), full_capacity)
     config = DecodeConfig(**KV)
-    return auto_slots(
-        work.model, config, len(work.prompts), longest, work.max_new_tokens, free_bytes=work.width * full
-    )
+    capacity = KVCompressor.capacity_for(config, longest, full_capacity)
+    return auto_slots(work.model, config, len(work.prompts), capacity, free_bytes=work.width * full)
 
 
 def engines(work: Workload) -> dict[str, Callable[[], Run]]:
