@@ -412,3 +412,14 @@ def test_shipped_reasoner_requests_equal_generate_alone():
         assert output.generated_tokens == alone[: len(output.generated_tokens)]
         lengths.add(len(output.generated_tokens))
     assert len(lengths) > 1 and min(lengths) < 300  # requests end at EOS at different steps
+
+
+def test_a_model_class_without_generate_batch_gets_ours_while_patched():
+    """Older transformers had no ``generate_batch``: patch adds ours, unpatch drops it."""
+    model = tiny_model("llama", torch.float64, eos_token_id=EOS)
+    model.__class__ = type("NoBatchLlama", (type(model),), {"generate_batch": None})
+    with effdecode.patched(model):
+        outputs = model.generate_batch(PROMPTS, max_new_tokens=NEW)
+        expected, _ = _alone("plain")
+        assert [tuple(o.generated_tokens) for o in outputs.values()] == list(expected)
+    assert "generate_batch" not in model.__dict__ and model.generate_batch is None
