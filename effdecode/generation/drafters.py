@@ -237,7 +237,10 @@ class ModelDrafter:
         slots = admission.slots_dev
         if self.compressor is not None:
             self.compressor.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
-        prefill(self.model, self.cache, admission.input_ids, admission.prompt_lens, self.backend, slots=slots)
+        prefill(
+            self.model, self.cache, admission.input_ids, admission.prompt_lens, self.backend, slots=slots,
+            lens_host=admission.prompt_lens_host,
+        )  # fmt: skip
         self.forwards += 1
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):

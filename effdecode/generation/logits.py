@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from effdecode.generation.request import GenerationRequest
-from effdecode.generation.streams import draw_base_seed, race, row_seeds
+from effdecode.generation.streams import draw, draw_base_seed, row_seeds
 from effdecode.generation.user_hooks import apply_processors
 from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import sample_tokens, warp_logits
@@ -88,9 +88,10 @@ class LogitsPipeline:
         if request.repetition_penalty != 1.0 and penalty_skips_padding():
             self.penalty_skip = torch.zeros(slots, dtype=torch.long, device=device)
         # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox;
-        # elsewhere the torch path keeps transformers' warpers and races counter-based draws. Both draw from
-        # per-request streams (effdecode.generation.streams) whose base seed comes from torch's generator, so
-        # torch.manual_seed still reproduces a call and a request's draws do not depend on its batch or slot.
+        # elsewhere the torch path keeps transformers' warpers and inverts the CDF at a counter-based draw.
+        # Both draw from per-request streams (effdecode.generation.streams) whose base seed comes from torch's
+        # generator, so torch.manual_seed still reproduces a call and a request's draws do not depend on its
+        # batch or slot.
         self.kernel_sampler = (
             request.do_sample
             and not request.output_scores
@@ -201,8 +202,8 @@ class LogitsPipeline:
         if not self.request.do_sample:
             return scores.argmax(dim=-1)
         if not self.kernel_sampler:
-            tokens = race(scores, self.seeds[rows], self.offsets[rows])
-            self.offsets[rows] += scores.shape[-1]
+            tokens = draw(scores, self.seeds[rows], self.offsets[rows])
+            self.offsets[rows] += 1
             return tokens
         tokens = sample_tokens(
             scores,

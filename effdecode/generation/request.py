@@ -145,7 +145,7 @@ class GenerationRequest:
     inputs_embeds: torch.Tensor | None = None  # [B, T0, H]: fed to the prefill instead of the ids' embeddings
     embeds_only: bool = False  # no input_ids given: input_ids are placeholders; return only the new tokens
     # Called from the host with the int64 request-row indices that just finished (each row once, in the step
-    # it leaves; rows still running at the end too). Adds no device-to-host copy.
+    # it leaves; rows still running at the end too, and rows max_time left waiting). No device-to-host copy.
     on_rows_finished: Callable[[np.ndarray], None] | None = None
 
     @property

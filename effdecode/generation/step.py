@@ -145,6 +145,7 @@ class DecodeCall:
         logits = self.target.prefill(
             admission.input_ids, admission.prompt_lens, scores, admission.inputs_embeds,
             None if (admission.slots == np.arange(len(admission.slots))).all() else slots,
+            admission.prompt_lens_host,
         )  # fmt: skip
         state.forwards += 1
         state.prefills += 1
@@ -481,6 +482,8 @@ class DecodeCall:
         if state.num_rows:  # the rows still running finish with the call
             state.harvest(state.rows_host, state.requests_host)
             self.rows_stats.leave(state.rows_host, state.requests_host)
+        if state.waiting and self.request.on_rows_finished is not None:  # max_time ended the call first
+            self.request.on_rows_finished(np.arange(state.next_request, state.batch_size, dtype=np.int64))
         sequences = state.result()
         stats.target_forwards = state.forwards
         stats.new_tokens = state.out_new_tokens.tolist()

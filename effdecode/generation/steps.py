@@ -45,6 +45,7 @@ def prefill(
     scores: list[torch.Tensor] | None = None,
     inputs_embeds: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
+    lens_host=None,
 ) -> torch.Tensor:
     """Write every prompt into its slot in one forward; set the slots' lengths/positions to the prompts'.
 
@@ -56,6 +57,8 @@ def prefill(
         int32 ``[A]`` real tokens per row.
     slots : torch.Tensor, optional
         int64 ``[A]`` the slots to fill (their old entries are dropped); None: slots ``0 .. A-1``.
+    lens_host : np.ndarray, optional
+        ``prompt_lens`` on the host (saves reading them back).
 
     Returns
     -------
@@ -65,7 +68,10 @@ def prefill(
     """
     batch_size, prompt_width = input_ids.shape
     device = input_ids.device
-    max_prompt = int(prompt_lens.max())
+    if lens_host is None:
+        max_prompt, min_prompt = int(prompt_lens.max()), int(prompt_lens.min())
+    else:
+        max_prompt, min_prompt = int(lens_host.max()), int(lens_host.min())
     if max_prompt < prompt_width:  # columns that are padding in every row: left out of the forward
         input_ids = input_ids[:, prompt_width - max_prompt :]
         if inputs_embeds is not None:
@@ -86,7 +92,7 @@ def prefill(
         kv_len_bound=max_prompt,
         backend=backend,
         rows_are_leading_slots=leading,
-        q_full=max_prompt == int(prompt_lens.min()),
+        q_full=max_prompt == min_prompt,
     )
     prefill_ids = input_ids.masked_fill(columns[None, :] < padding[:, None], 0)
     # ``inputs_embeds`` ``[B, T0, H]`` (generate's argument) replaces the ids' embeddings in the prefill only.

@@ -6,8 +6,9 @@ counters ``[offset, offset + V)`` of its stream, with the offset advanced by ``V
 samples therefore depends only on the seed, its row index and its own logits: not on the batch it shares,
 on the slot it runs in, or on when it was admitted (``DecodeConfig.max_slots``).
 
-On CUDA the Triton sample kernel draws with Philox from the same seeds and offsets; elsewhere
-:func:`counter_exponentials` makes the draws with a counter-based hash (SplitMix64's finalizer) in torch ops.
+On CUDA the Triton sample kernel draws with Philox from the same seeds (``V`` counters a draw); elsewhere
+:func:`draw` inverts the row's CDF at one uniform number a draw from a counter-based hash (SplitMix64's
+finalizer) in torch ops, about what ``torch.multinomial`` costs.
 """
 
 from __future__ import annotations
@@ -41,18 +42,21 @@ def row_seeds(base: int, requests: torch.Tensor) -> torch.Tensor:
     return mix64(requests.long() * _GOLDEN + base) & ((1 << 62) - 1)
 
 
-def counter_exponentials(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
-    """float32 ``[R, V]`` Exp(1) draws: row ``b`` uses counters ``offsets[b] .. offsets[b] + V - 1`` of the
-    stream ``seeds[b]`` (int64 ``[R]`` each)."""
-    columns = torch.arange(vocab, device=seeds.device)
-    counters = offsets.long()[:, None] + columns[None, :]
-    bits = mix64(mix64(counters * _GOLDEN + seeds.long()[:, None]) ^ seeds.long()[:, None])
-    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
-    return (-torch.log1p(-uniform)).float()
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in ``(0, 1)``, one per element of ``counters`` (int64), from the streams ``seeds``
+    (broadcast against ``counters``)."""
+    bits = mix64(mix64(counters.long() * _GOLDEN + seeds.long()) ^ seeds.long())
+    return (_shift_right(bits, 11).double() + 0.5) * 2.0**-53
 
 
-def race(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def draw(scores: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """int64 ``[R]`` tokens drawn from ``softmax(scores)`` (``[R, V]`` warped scores, ``-inf`` excluded) by
-    the exponential race ``argmax(scores - log E)`` with the rows' counter-based draws."""
-    exponentials = counter_exponentials(seeds, offsets, scores.shape[-1])
-    return (scores.float() - exponentials.log()).argmax(dim=-1)
+    inverting each row's CDF (float64) at its stream's uniform number ``offsets[b]`` (one counter a draw).
+
+    A uniform ``u`` picks the first token whose cumulative mass reaches ``u`` times the total, so a token of
+    zero probability is never drawn.
+    """
+    cdf = scores.double().softmax(dim=-1).cumsum(dim=-1)
+    target = counter_uniforms(seeds, offsets) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, target[:, None].contiguous()).squeeze(1)
+    return tokens.clamp(max=scores.shape[-1] - 1)

@@ -44,12 +44,15 @@ class TargetModel:
         scores: list | None = None,
         inputs_embeds: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        lens_host=None,
     ) -> torch.Tensor:
         """Fill ``slots`` (int64 ``[A]``; None: ``0 .. A-1``) with the left-padded prompts ``[A, T0]`` (fed as
-        ``inputs_embeds`` ``[A, T0, H]`` where given), in one forward; returns the logits ``[A, V]``."""
+        ``inputs_embeds`` ``[A, T0, H]`` where given), in one forward; returns the logits ``[A, V]``.
+        ``lens_host``: ``prompt_lens`` on the host, if known."""
         return prefill(
-            self.model, self.cache, input_ids, prompt_lens, self.backend, scores, inputs_embeds, slots
-        )
+            self.model, self.cache, input_ids, prompt_lens, self.backend, scores, inputs_embeds, slots,
+            lens_host,
+        )  # fmt: skip
 
     def forward(
         self,
