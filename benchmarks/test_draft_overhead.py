@@ -38,7 +38,7 @@ def _reasoners():
 
 def run_mode(reasoners, mode: str, n: int):
     target, tokenizer, draft = reasoners
-    options = EvalOptions(n=n, **MODES[mode])
+    options = EvalOptions(n=n, batch_size=16, **MODES[mode])  # static batches of 16, as measured before
     return run_eval(target, tokenizer, options, draft_model=draft if "draft" in MODES[mode] else None)
 
 

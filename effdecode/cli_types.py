@@ -49,6 +49,16 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def slot_count(text: str) -> int | str:
+    """``auto`` or an integer >= 1 (``DecodeConfig.max_slots``)."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; expected 'auto' or an integer >= 1") from None
+
+
 def optional(parse: Callable[[str], int]) -> Callable[[str], int | None]:
     """``parse``, or None for ``none`` / ``full``."""
 

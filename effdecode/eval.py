@@ -1,8 +1,9 @@
 """``effdecode eval``: accuracy and cost of decoding options on the arithmetic reasoning workload.
 
 Held-out problems (:func:`effdecode.workloads.generate_problems`, ``split="test"``) go through
-:func:`effdecode.generate` in batches with the given :class:`effdecode.DecodeConfig` and generate options;
-a row is correct when the integer after its ``</think>`` and ``Answer:`` is the problem's value.
+:func:`effdecode.generate_batch` (continuous batching: ``slots`` rows decode at once, waiting problems take
+the slots of finished ones) with the given :class:`effdecode.DecodeConfig` and generate options; a row is
+correct when the integer after its ``</think>`` and ``Answer:`` is the problem's value.
 
 ``run_eval`` is the library entry point; ``run_sweep`` runs a grid (KV budgets per policy, thinking budgets,
 early-exit thresholds), writes a Markdown table, a JSON file and a PNG plot, and records an error in the
@@ -50,14 +51,18 @@ class EvalOptions:
     """What one evaluation runs: which problems, which model options, which decoding options.
 
     Parameters mirror the ``effdecode eval`` flags; ``draft`` is a draft model name or directory (None: no
-    draft model), ``prompt_lookup`` the n-gram draft length (None: off). ``kv_budget``, ``thinking_budget``
-    and ``early_exit`` go to :class:`effdecode.DecodeConfig`.
+    draft model), ``prompt_lookup`` the n-gram draft length (None: off). ``kv_budget``, ``thinking_budget``,
+    ``early_exit`` and ``slots`` (``max_slots``: rows decoded at once, an int or ``"auto"``) go to
+    :class:`effdecode.DecodeConfig`. ``batch_size`` is the problems per ``generate_batch`` call (None: all of
+    a replica's problems in one call); ``progress_bar`` shows a tqdm bar per call.
     """
 
     n: int = 64
     levels: tuple[int, ...] = LEVELS
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int | None = None
+    slots: int | str = "auto"
+    progress_bar: bool = False
     max_new_tokens: int = 400
     do_sample: bool = False
     temperature: float = 1.0
@@ -84,8 +89,8 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n={self.n!r}; expected an int >= 1")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r}; expected an int >= 1")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size={self.batch_size!r}; expected None or an int >= 1")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; expected an int >= 1")
         self.levels = tuple(self.levels)
@@ -116,6 +121,7 @@ class EvalOptions:
             early_exit_answer_tokens=self.early_exit_answer_tokens,
             early_exit_threshold=self.early_exit_threshold,
             compile=self.compile,
+            max_slots=self.slots,
         )
 
     def label(self) -> str:
@@ -155,6 +161,7 @@ class EvalResult:
     tokens_per_target_forward: float = 0.0
     target_forwards: int = 0
     wall_time_s: float = 0.0
+    slots: int = 0
     error: str | None = None
     completions: list[str] = field(default_factory=list, repr=False)
 
@@ -168,6 +175,7 @@ class EvalResult:
             kv_peak_bytes=self.kv_peak_bytes,
             target_forwards=self.target_forwards,
             wall_time_s=self.wall_time_s,
+            slots=self.slots,
             error=self.error,
             config=self.options.label(),
             options=asdict(self.options),
@@ -224,8 +232,8 @@ def _generate_kwargs(options: EvalOptions, tokenizer, draft_model) -> dict:
         do_sample=options.do_sample,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True,
         tokenizer=tokenizer,
+        progress_bar=options.progress_bar,
     )
     if options.do_sample:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
@@ -247,42 +255,37 @@ def _batch_seed(seed: int, index: int) -> int:
 
 
 def _run_batches(model, tokenizer, batches, options: EvalOptions, kwargs: dict) -> list[dict]:
-    """Generate ``(index, problems)`` batches; one record per batch (per-row results and the call's stats)."""
-    device = next(model.parameters()).device
+    """One ``generate_batch`` call per ``(index, problems)`` batch; one record per call (per-row results and
+    the call's stats)."""
     think_end_id = tokenizer.convert_tokens_to_ids(THINK_END)
     records = []
     for index, batch in batches:
-        encoded = tokenizer(
-            [p.prompt for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        input_ids = encoded["input_ids"].to(device)
-        mask = encoded["attention_mask"].to(device)
+        prompts = tokenizer([p.prompt for p in batch], add_special_tokens=False)["input_ids"]
         if options.do_sample:
             torch.manual_seed(_batch_seed(options.seed, index))
-        out = effdecode.generate(model, input_ids, attention_mask=mask, **kwargs)
-        stats = out.stats
-        width = input_ids.shape[1]
+        outputs = list(effdecode.generate_batch(model, prompts, **kwargs).values())
         rows = []
-        for row, problem in enumerate(batch):
-            ids = out.sequences[row, width : width + stats.new_tokens[row]].tolist()
+        for output, problem in zip(outputs, batch, strict=True):
+            ids = output.generated_tokens
             text = tokenizer.decode(ids, skip_special_tokens=True)
             ok = extract_answer(text) == problem.answer
-            thought = thinking_token_count(ids, think_end_id)
-            rows.append((text, ok, problem.level, stats.new_tokens[row], thought))
-        records.append(
-            dict(
-                index=index,
-                rows=rows,
-                wall_time_s=stats.wall_time_s - stats.compile_time_s,  # compiling steps is not decoding
-                target_forwards=stats.target_forwards,
-                kv_peak_tokens=stats.kv_peak_tokens,
-                kv_peak_bytes=stats.kv_peak_bytes,
-                row_forwards=sum(stats.target_row_forwards),
-                proposed=sum(stats.proposed_draft_tokens),
-                accepted=sum(stats.accepted_draft_tokens),
-            )
-        )
+            rows.append((text, ok, problem.level, len(ids), thinking_token_count(ids, think_end_id)))
+        records.append(dict(index=index, rows=rows, **_call_record(outputs[0].call_stats)))
     return records
+
+
+def _call_record(stats) -> dict:
+    """What a batch record keeps of one call's :class:`effdecode.GenerationStats`."""
+    return dict(
+        wall_time_s=stats.wall_time_s - stats.compile_time_s,  # compiling steps is not decoding
+        target_forwards=stats.target_forwards,
+        kv_peak_tokens=stats.kv_peak_tokens,
+        kv_peak_bytes=stats.kv_peak_bytes,
+        row_forwards=sum(stats.target_row_forwards),
+        proposed=sum(stats.proposed_draft_tokens),
+        accepted=sum(stats.accepted_draft_tokens),
+        slots=getattr(stats, "slots", 0),
+    )
 
 
 def run_eval(
@@ -293,7 +296,7 @@ def run_eval(
     problems: Sequence[Problem] | None = None,
     topology: Topology | None = None,
 ) -> EvalResult:
-    """Run held-out problems through :func:`effdecode.generate` and measure accuracy and cost.
+    """Run held-out problems through :func:`effdecode.generate_batch` and measure accuracy and cost.
 
     Parameters
     ----------
@@ -324,8 +327,7 @@ def run_eval(
     if problems is None:
         problems = generate_problems(options.n, levels=options.levels, seed=options.seed, split="test")
     kwargs = _generate_kwargs(options, tokenizer, draft_model if options.draft is not None else None)
-    size = options.batch_size
-    batches = [(i, problems[start : start + size]) for i, start in enumerate(range(0, len(problems), size))]
+    batches = _batches(problems, options.batch_size, topology)
 
     if topology is None or not topology.distributed:
         records = _run_batches(model, tokenizer, batches, options, kwargs)
@@ -349,6 +351,15 @@ def run_eval(
     return _summarize(options, len(problems), per_replica)
 
 
+def _batches(problems: Sequence[Problem], size: int | None, topology: Topology | None):
+    """``(index, problems)`` per ``generate_batch`` call: ``size`` problems each, or (None) one call per
+    replica."""
+    if size is None:
+        replicas = topology.replicas if topology is not None and topology.distributed else 1
+        size = max(1, math.ceil(len(problems) / replicas))
+    return [(i, problems[start : start + size]) for i, start in enumerate(range(0, len(problems), size))]
+
+
 def _summarize(options: EvalOptions, n: int, per_replica: list[list[dict]]) -> EvalResult:
     """One :class:`EvalResult` from every replica's batch records (merged in batch order)."""
     records = sorted((record for records in per_replica for record in records), key=lambda r: r["index"])
@@ -366,6 +377,7 @@ def _summarize(options: EvalOptions, n: int, per_replica: list[list[dict]]) -> E
         result.target_forwards += record["target_forwards"]
         result.kv_peak_tokens = max(result.kv_peak_tokens, record["kv_peak_tokens"])
         result.kv_peak_bytes = max(result.kv_peak_bytes, record["kv_peak_bytes"])
+        result.slots = max(result.slots, record["slots"])
     row_forwards = sum(record["row_forwards"] for record in records)
     proposed = sum(record["proposed"] for record in records)
     accepted = sum(record["accepted"] for record in records)
@@ -387,7 +399,7 @@ def format_result(result: EvalResult) -> str:
     per_level = "  ".join(f"L{lv} {acc:.1%}" for lv, acc in result.accuracy_per_level.items())
     lines = [
         f"config: {options.label()}  "
-        f"(n={result.n}, levels {list(options.levels)}, batch {options.batch_size})",
+        f"(n={result.n}, levels {list(options.levels)}, {_batching(options)}, {result.slots} slots)",
         f"accuracy:                  {result.accuracy:.1%} ({result.correct}/{result.n})  [{per_level}]",
         f"mean new tokens:           {result.mean_new_tokens:.1f}",
         f"mean thinking tokens:      {result.mean_thinking_tokens:.1f}",
@@ -397,6 +409,11 @@ def format_result(result: EvalResult) -> str:
         f"tokens per target forward: {result.tokens_per_target_forward:.2f}",
     ]
     return "\n".join(lines)
+
+
+def _batching(options: EvalOptions) -> str:
+    calls = "one generate_batch call" if options.batch_size is None else f"calls of {options.batch_size}"
+    return f"{calls}, max_slots {options.slots}"
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -574,64 +591,89 @@ def plot_sweep(rows: Sequence[dict], path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``effdecode eval`` flags: each with help (the parser shows defaults) and a validating type."""
-    from effdecode.cli_types import (
-        device,
-        escaped_text,
-        int_in,
-        model_name,
-        non_negative_int,
-        optional,
-        positive_float,
-        positive_int,
-        probability,
-        unit_interval,
-    )
-    from effdecode.workloads.models import REASONER_NAMES
+    _add_problem_arguments(parser.add_argument_group("problems"))
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_generate_arguments(parser.add_argument_group("generate"))
+    _add_decode_config_arguments(parser.add_argument_group("DecodeConfig"))
+    _add_output_arguments(parser.add_argument_group("output"))
+    _add_sweep_arguments(parser.add_argument_group("sweep"))
+
+
+def _add_problem_arguments(group) -> None:
+    from effdecode.cli_types import int_in, non_negative_int, positive_int
 
     level = int_in(min(LEVELS), max(LEVELS))
-    problems = parser.add_argument_group("problems")
-    problems.add_argument("-n", "--n", type=positive_int, default=64, help="held-out problems to run")
-    problems.add_argument(
+    group.add_argument("-n", "--n", type=positive_int, default=64, help="held-out problems to run")
+    group.add_argument(
         "--levels", type=level, nargs="+", default=list(LEVELS), help="difficulty levels to draw from"
     )
-    problems.add_argument("--seed", type=non_negative_int, default=0, help="problem draw (and sampling) seed")
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    group.add_argument("--seed", type=non_negative_int, default=0, help="problem draw (and sampling) seed")
+
+
+def _add_model_arguments(group) -> None:
+    from effdecode.cli_types import device, model_name, positive_int
+    from effdecode.workloads.models import REASONER_NAMES
+
+    group.add_argument(
         "--model",
         type=model_name(REASONER_NAMES),
         default="target",
         help="a shipped reasoner or a checkpoint directory",
     )
-    model.add_argument("--device", type=device, default="cpu", help="torch device of the model")
-    model.add_argument(
+    group.add_argument("--device", type=device, default="cpu", help="torch device of the model")
+    group.add_argument(
         "--dtype",
         choices=["float32", "float64", "float16", "bfloat16"],
         default="float32",
         help="model dtype",
     )
-    model.add_argument(
+    group.add_argument(
         "--threads",
         type=positive_int,
         default=None,
         help="torch CPU threads (default: torch's; 1 runs best on a busy small machine)",
     )
-    model.add_argument(
+    group.add_argument(
         "--tp",
         type=positive_int,
         default=1,
         help="tensor-parallel ranks per model replica under torchrun (tp_plan='auto'); the problems are "
         "sharded over the WORLD_SIZE / tp replicas, rank 0 prints",
     )
-    gen = parser.add_argument_group("generate")
-    gen.add_argument("--batch-size", type=positive_int, default=16, help="problems per generate call")
-    gen.add_argument(
+
+
+def _add_generate_arguments(group) -> None:
+    from effdecode.cli_types import (
+        model_name,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        probability,
+        slot_count,
+    )
+    from effdecode.workloads.models import REASONER_NAMES
+
+    group.add_argument(
+        "--slots",
+        type=slot_count,
+        default="auto",
+        help="problems decoded at once (DecodeConfig.max_slots): waiting problems take the slots of finished "
+        "ones; 'auto' fits as many as free memory holds",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="problems per generate_batch call (default: all problems in one call)",
+    )
+    group.add_argument(
         "--max-new-tokens", type=positive_int, default=400, help="new tokens per problem at most"
     )
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    gen.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")
-    gen.add_argument("--top-k", type=non_negative_int, default=0, help="top-k sampling (0: off)")
-    gen.add_argument(
+    group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    group.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")
+    group.add_argument("--top-k", type=non_negative_int, default=0, help="top-k sampling (0: off)")
+    group.add_argument(
         "--draft",
         nargs="?",
         type=model_name(REASONER_NAMES),
@@ -640,10 +682,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="speculative decoding with a draft model (the shipped 'draft' without a value, or a checkpoint "
         "directory; default: off)",
     )
-    gen.add_argument(
+    group.add_argument(
         "--num-draft-tokens", type=positive_int, default=4, help="draft tokens per step with --draft"
     )
-    gen.add_argument(
+    group.add_argument(
         "--prompt-lookup",
         nargs="?",
         type=positive_int,
@@ -651,79 +693,103 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="n-gram drafts of this length (4 without a value; default: off)",
     )
-    dc = parser.add_argument_group("DecodeConfig")
-    dc.add_argument(
+
+
+def _add_decode_config_arguments(group) -> None:
+    from effdecode.cli_types import (
+        escaped_text,
+        non_negative_int,
+        optional,
+        positive_int,
+        unit_interval,
+    )
+
+    group.add_argument(
         "--kv-budget",
         type=optional(positive_int),
         default=None,
         help="KV entries kept per row and layer (default: none, the full cache)",
     )
-    dc.add_argument("--kv-policy", choices=KV_POLICIES, default="streaming", help="which KV entries to keep")
-    dc.add_argument("--kv-window", type=non_negative_int, default=32, help="recent entries always kept")
-    dc.add_argument("--kv-sinks", type=non_negative_int, default=4, help="first entries always kept")
-    dc.add_argument(
+    group.add_argument(
+        "--kv-policy", choices=KV_POLICIES, default="streaming", help="which KV entries to keep"
+    )
+    group.add_argument("--kv-window", type=non_negative_int, default=32, help="recent entries always kept")
+    group.add_argument("--kv-sinks", type=non_negative_int, default=4, help="first entries always kept")
+    group.add_argument(
         "--compress-every", type=positive_int, default=64, help="entries a row gains between compactions"
     )
-    dc.add_argument("--kv-think-only", action="store_true", help="evict inside the thinking span first")
-    dc.add_argument(
+    group.add_argument("--kv-think-only", action="store_true", help="evict inside the thinking span first")
+    group.add_argument(
         "--thinking-budget",
         type=optional(non_negative_int),
         default=None,
         help="thinking tokens per row, then the end of thinking is forced (default: none, unlimited)",
     )
-    dc.add_argument(
+    group.add_argument(
         "--think-end-prefix",
         type=escaped_text,
         default=THINK_END_PREFIX,
         help="text forced before </think> when the thinking budget runs out; backslash escapes are decoded "
         "(default: %(default)r)",
     )
-    dc.add_argument("--early-exit", action="store_true", help="DEER early exit of thinking")
-    dc.add_argument(
+    group.add_argument("--early-exit", action="store_true", help="DEER early exit of thinking")
+    group.add_argument(
         "--early-exit-threshold", type=unit_interval, default=0.95, help="probe confidence that ends thinking"
     )
-    dc.add_argument(
+    group.add_argument(
         "--early-exit-replace",
         action="store_true",
         help="the probe replaces the trigger (DEER) instead of following it",
     )
-    dc.add_argument(
+    group.add_argument(
         "--early-exit-triggers",
         type=escaped_text,
         nargs="+",
         default=list(EARLY_EXIT_TRIGGERS),
         help="texts after which a row probes",
     )
-    dc.add_argument(
+    group.add_argument(
         "--compile", action="store_true", help="compiled decode steps (compile time not counted as decoding)"
     )
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print one JSON object")
-    out.add_argument("--show", type=non_negative_int, default=0, help="print the first N completions")
-    out.add_argument("--sweep", action="store_true", help="run the grid and write a table and a plot")
-    out.add_argument("--out", default="eval-sweep", help="directory of the sweep's table and plot")
-    out.add_argument(
+
+
+def _add_output_arguments(group) -> None:
+    from effdecode.cli_types import non_negative_int
+
+    group.add_argument("--json", action="store_true", help="print one JSON object")
+    group.add_argument("--show", type=non_negative_int, default=0, help="print the first N completions")
+    group.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (requests done, tokens/s) on stderr"
+    )
+
+
+def _add_sweep_arguments(group) -> None:
+    from effdecode.cli_types import non_negative_int, positive_int, unit_interval
+
+    group.add_argument("--sweep", action="store_true", help="run the grid and write a table and a plot")
+    group.add_argument("--out", default="eval-sweep", help="directory of the sweep's table and plot")
+    group.add_argument(
         "--sweep-kv-budgets",
         type=positive_int,
         nargs="+",
         default=list(SweepGrid.kv_budgets),
         help="KV budgets of the sweep",
     )
-    out.add_argument(
+    group.add_argument(
         "--sweep-kv-policies",
         nargs="+",
         choices=KV_POLICIES,
         default=list(KV_POLICIES),
         help="KV policies of the sweep",
     )
-    out.add_argument(
+    group.add_argument(
         "--sweep-thinking-budgets",
         type=non_negative_int,
         nargs="+",
         default=list(SweepGrid.thinking_budgets),
         help="thinking budgets of the sweep",
     )
-    out.add_argument(
+    group.add_argument(
         "--sweep-thresholds",
         type=unit_interval,
         nargs="+",
@@ -739,6 +805,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         levels=tuple(args.levels),
         seed=args.seed,
         batch_size=args.batch_size,
+        slots=getattr(args, "slots", "auto"),
+        progress_bar=not getattr(args, "no_progress", True),
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
@@ -790,7 +858,9 @@ def main(args: argparse.Namespace) -> int:
     draft_model = None
     if options.draft is not None:  # replicated on every rank, next to the target
         draft_model, _ = _resolve_model(options.draft, str(model.device), dtype)
-    warm = replace(options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None)
+    warm = replace(
+        options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None, progress_bar=False
+    )
     run_eval(model, tokenizer, replace(warm, early_exit=False), draft_model=draft_model)  # one-time setup
     if args.sweep:
         grid = SweepGrid(

@@ -45,6 +45,8 @@ def _run_cli(*argv: str) -> subprocess.CompletedProcess:
 BAD_VALUES = [
     (["eval", "-n", "-3"], "argument -n/--n: -3 must be >= 1"),
     (["eval", "--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["eval", "--slots", "0"], "argument --slots: 0 must be >= 1; expected 'auto' or an integer >= 1"),
+    (["eval", "--slots", "many"], "argument --slots: 'many' is not an integer; expected 'auto'"),
     (["eval", "--levels", "7"], "argument --levels: 7 is not in 1..4"),
     (["eval", "--kv-budget", "-5"], "argument --kv-budget: -5 must be >= 1"),
     (["eval", "--max-new-tokens", "x"], "argument --max-new-tokens: 'x' is not an integer"),
@@ -105,9 +107,9 @@ def test_every_option_has_help_that_shows_its_default():
             text = _option_help(command, action)
             assert action.help, f"effdecode {name} {action.option_strings[-1]} has no help"
             assert "default" in text, f"effdecode {name}: {text!r} does not show the default"
-    assert "(default: 16)" in _option_help(
-        commands.choices["eval"], _action(commands.choices["eval"], "batch_size")
-    )
+    evaluate = commands.choices["eval"]
+    assert "(default: auto)" in _option_help(evaluate, _action(evaluate, "slots"))
+    assert "(default: all problems in one call)" in _option_help(evaluate, _action(evaluate, "batch_size"))
 
 
 def _action(command: argparse.ArgumentParser, dest: str) -> argparse.Action:
@@ -130,6 +132,6 @@ def test_help_shows_defaults(capsys):
         main(["eval", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("--batch-size BATCH_SIZE problems per generate call (default: 16)", "(default: cpu)"):
+    for shown in ("--slots SLOTS problems decoded at once", "(default: auto)", "(default: cpu)"):
         assert shown in text
     assert "--think-end-prefix" in text and "(default: '\\n')" in text

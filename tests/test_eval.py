@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effdecode.cli import main
-from effdecode.eval import METRICS, EvalOptions, SweepGrid, run_sweep, thinking_token_count
+from effdecode.eval import METRICS, EvalOptions, SweepGrid, run_eval, run_sweep, thinking_token_count
 from effdecode.workloads import load_reasoner
 
 
@@ -87,3 +87,36 @@ def test_thinking_token_count():
 def test_eval_options_reject_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalOptions(**kwargs)
+
+
+def test_eval_runs_through_generate_batch_with_slots_and_a_progress_bar(capsys, monkeypatch):
+    import effdecode
+
+    calls = []
+    real = effdecode.generate_batch
+
+    def spy(model, prompts, **kwargs):
+        calls.append((len(prompts), kwargs["decode_config"].max_slots, kwargs["progress_bar"]))
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(effdecode, "generate_batch", spy)
+    result = _run_json(capsys, "--slots", "3")
+    assert calls == [(1, 3, False), (8, 3, True)]  # the warm-up call, then every problem in one call
+    assert result["accuracy"] >= 0.75 and result["error"] is None
+
+
+def test_eval_progress_bar_on_stderr_and_off_with_no_progress(capsys):
+    assert main(["eval", *FAST, "--json"]) == 0
+    assert "Solving 8 requests" in capsys.readouterr().err
+    assert main(["eval", *FAST, "--json", "--no-progress"]) == 0
+    assert "Solving" not in capsys.readouterr().err
+
+
+def test_eval_completions_do_not_depend_on_the_slot_count():
+    model, tokenizer = load_reasoner("target")
+    results = [
+        run_eval(model, tokenizer, EvalOptions(n=6, levels=(1, 2), max_new_tokens=300, slots=slots))
+        for slots in (2, "auto")
+    ]
+    assert results[0].completions == results[1].completions
+    assert results[0].accuracy == results[1].accuracy >= 0.5
