@@ -30,7 +30,7 @@ import warnings
 import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
-from effdecode.generation.compiled import CompiledStep
+from effdecode.generation.compiled import CompiledStep, kv_bucket_for
 from effdecode.generation.steps import forward_logits
 from effdecode.ops.attention import SlotBatch
 
@@ -80,15 +80,16 @@ class _CapturedStep:
 
     With ``compiled`` the step is a :class:`~effdecode.generation.compiled.CompiledStep` (its buffers are the
     static ones) and the graph captures the compiled function. With ``choose`` the step also returns the
-    greedy tokens (in the compiled graph when compiled).
+    greedy tokens (in the compiled graph when compiled). A compiled step attends over ``kv_len`` keys (its KV
+    bucket); an eager one over the capacity.
     """
 
     def __init__(
         self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool,
-        compiled: bool = False, choose: bool = False,
+        compiled: bool = False, choose: bool = False, kv_len: int | None = None,
     ) -> None:  # fmt: skip
         device = cache.device
-        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend) if compiled else None
+        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend, kv_len) if compiled else None
         if self.compiled is not None:  # the compiled step owns the static buffers (same initial values)
             c = self.compiled
             self.input_ids, self.positions = c.input_ids, c.positions
@@ -187,14 +188,21 @@ class DecodeGraphs:
         return sum(step.compiled.compile_time_s for step in self.steps.values() if step.compiled is not None)
 
     def step(
-        self, model, rows: int, num_cols: int, backend: str, choose: bool = False
+        self, model, rows: int, num_cols: int, backend: str, choose: bool = False, kv_bound: int | None = None
     ) -> _CapturedStep | None:
-        """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None."""
+        """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None.
+
+        A compiled step is also keyed by the KV bucket holding ``kv_bound`` (the rows' lengths after the step,
+        host-side; None: the capacity)."""
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
             return None
+        kv_len = None
+        if self.compile:
+            capacity = self.cache.capacity
+            kv_len = kv_bucket_for(capacity if kv_bound is None else kv_bound, capacity)
         key = (bucket, num_cols, backend)
-        key += (("compiled",) if self.compile else ()) + (("choose",) if choose else ())
+        key += (("compiled", kv_len) if self.compile else ()) + (("choose",) if choose else ())
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
@@ -208,6 +216,7 @@ class DecodeGraphs:
                     self.pool,
                     compiled=self.compile,
                     choose=choose,
+                    kv_len=kv_len,
                 )
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
@@ -228,20 +237,28 @@ class DecodeGraphs:
         positions: torch.Tensor,
         backend: str,
         q_lens: torch.Tensor | None = None,
+        kv_bound: int | None = None,
     ) -> torch.Tensor | None:
         """Replay the step for slots ``rows`` (int32 ``[B]``), or return None if no bucket holds them.
 
         Decode: ``tokens``/``positions`` int64 ``[B]``; returns logits ``[B, V]``. Verify: ``[B, T]``
         right-aligned with ``q_lens`` int32 ``[B]``; returns every column's logits ``[B, T, V]``.
+        ``kv_bound``: host bound of the rows' cache lengths after the step (a compiled step's KV bucket).
         """
-        step = self._load(model, rows, tokens, positions, backend, q_lens, choose=False)
+        step = self._load(model, rows, tokens, positions, backend, q_lens, False, kv_bound)
         if step is None:
             return None
         logits = step.replay()[: rows.shape[0]]
         return logits if tokens.dim() == 1 else logits[:, step.input_ids.shape[1] - tokens.shape[1] :]
 
     def run_and_choose(
-        self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
+        self,
+        model,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        backend: str,
+        kv_bound: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A decode step that also picks each row's greedy token (inside the compiled graph when compiled).
 
@@ -249,21 +266,23 @@ class DecodeGraphs:
         of the float32 logits), or None if no bucket holds the rows. For greedy decoding without logits
         processing (nothing between the forward and the argmax).
         """
-        step = self._load(model, rows, tokens, positions, backend, None, choose=True)
+        step = self._load(model, rows, tokens, positions, backend, None, True, kv_bound)
         if step is None:
             return None
         logits, chosen = step.replay()
         num_rows = rows.shape[0]
         return logits[:num_rows], chosen[:num_rows]
 
-    def _load(self, model, rows, tokens, positions, backend, q_lens, choose: bool) -> _CapturedStep | None:
+    def _load(
+        self, model, rows, tokens, positions, backend, q_lens, choose: bool, kv_bound: int | None
+    ) -> _CapturedStep | None:
         """The step for these inputs with its static buffers filled, or None."""
         num_rows = rows.shape[0]
         num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
         # Compiled verify steps come in widths 2, 4, 8, 16 (rows stay right-aligned, the extra columns are
         # padding), so that a changing draft length does not compile a step per width.
         width = num_cols if num_cols == 1 or not self.compile else width_for(num_cols)
-        step = self.step(model, num_rows, width, backend, choose=choose)
+        step = self.step(model, num_rows, width, backend, choose=choose, kv_bound=kv_bound)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
