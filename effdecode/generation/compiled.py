@@ -236,13 +236,13 @@ class CompiledStep:
             return logits, logits.float().argmax(dim=-1)
 
         tag = f"effdecode_step_b{bucket}_t{num_cols}_kv{kv_len}"
-        options = dict(fullgraph=True, dynamic=False)
+        options = dict(fullgraph=True, dynamic=False, options=inductor_options(device))
         keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
         if keep_tensor_guards is not None:
             # Every call passes the same static tensors and the same model: the tensor guards (shape, dtype,
             # device of inputs and weights) are all that can change; evaluating the config/global guards of a
             # whole HF forward costs more per step than a layer of the compiled model.
-            options["options"] = {"guard_filter_fn": keep_tensor_guards}
+            options["options"]["guard_filter_fn"] = keep_tensor_guards
         self._forward = torch.compile(_unique_function(forward, tag), **options)
         choose_function = _unique_function(forward_and_choose, tag + "_choose")
         self._forward_and_choose = torch.compile(choose_function, **options)
@@ -272,6 +272,17 @@ class CompiledStep:
         return self._call(True)
 
 
+def inductor_options(device: torch.device) -> dict:
+    """Inductor options of a compiled step on ``device``.
+
+    On CPU the step's wrapper (the code around the kernels: buffer allocation, views, input checks) is C++
+    (``cpp_wrapper``) rather than Python: at these tiny per-step costs its Python version is a sizeable share
+    of a step. CUDA keeps the default (our CUDA graph replays the kernels without any wrapper).
+    """
+    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" and CPP_WRAPPER_ON_CPU else {}
+
+
+CPP_WRAPPER_ON_CPU = False
 KV_BUCKETS = 4  # KV-length buckets per capacity: capacity >> 3, >> 2, >> 1, capacity
 _MIN_KV_BUCKET = 32
 
