@@ -293,23 +293,59 @@ def test_compiled_matrix_equals_eager(family, batch, mode):
     release_graphs(model)
 
 
-def test_a_model_dynamo_cannot_trace_falls_back_to_eager_steps():
-    """MoE expert routing has data-dependent shapes that fullgraph compilation refuses: the call warns once
-    and decodes eagerly, with the same tokens."""
+def test_a_model_dynamo_cannot_trace_falls_back_to_eager_steps(monkeypatch):
+    """MoE expert routing through transformers' eager experts has data-dependent shapes that fullgraph
+    compilation refuses (here: the switch to traceable experts is off): the call warns once and decodes
+    eagerly, with the same tokens."""
     import warnings
 
-    from tiny_models import ragged_prompts, tiny_family_model
+    from effdecode.generation import static_experts
 
+    monkeypatch.setattr(compiled, "experts_configs", lambda model: [])
     model = tiny_family_model("qwen3_moe", torch.float64, seed=0)
+    assert static_experts.experts_configs(model)  # what the step would switch without the patch
     ids, mask = ragged_prompts(2, 5, seed=1, vocab=model.config.vocab_size)
     eager = effdecode.generate(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = effdecode.generate(
+        compiled_out = effdecode.generate(
             model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
             decode_config=DecodeConfig(compile=True),
         )  # fmt: skip
     effdecode.unpatch(model)  # frees the graphs
-    assert torch.equal(eager, compiled)
+    assert torch.equal(eager, compiled_out)
     failed = [w for w in caught if "compiling the decode step failed" in str(w.message)]
     assert len(failed) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_moe_families_compile_with_traceable_experts(family):
+    """MoE steps trace transformers' batched_mm experts: no fallback, no graph break, the same greedy tokens
+    as eager steps (float64, ragged batch of 3), and the model's experts setting untouched after the call."""
+    import warnings
+
+    from effdecode.generation.static_experts import experts_configs
+
+    if not family_available(family):
+        pytest.skip(f"model_type {family!r} is not in this transformers version")
+    model = tiny_family_model(family, torch.float64, seed=0)
+    if not experts_configs(model):
+        pytest.skip("this transformers has no batched_mm experts")
+    before = model.config._experts_implementation
+    ids, mask = ragged_prompts(3, 6, seed=1, vocab=model.config.vocab_size)
+    eager = _generate(model, ids, mask, False, 10)
+    breaks, graphs_before = _graph_breaks(), _compiled_graphs()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = _generate(model, ids, mask, True, 10)
+        assert not [w for w in caught if "compiling the decode step failed" in str(w.message)]
+        assert torch.equal(out.sequences, eager.sequences)
+        assert _graph_breaks() == breaks
+        steps = graphs_of(model).steps.values()
+        assert steps and all(step.compiled is not None and step.compiled.calls > 0 for step in steps)
+        assert _compiled_graphs() - graphs_before == len(steps)  # once each: no recompile in steady state
+        assert model.config._experts_implementation == before
+    finally:
+        effdecode.unpatch(model)
+        release_graphs(model)

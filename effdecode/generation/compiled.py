@@ -48,6 +48,7 @@ import types
 
 import torch
 
+from effdecode.generation.static_experts import experts_configs, traceable_experts
 from effdecode.hf_attention import STEP_KWARG
 from effdecode.ops import custom_ops
 from effdecode.ops.backend import resolve_backend
@@ -251,16 +252,23 @@ class CompiledStep:
             cache.value_buffer,
         )  # fmt: skip
         self._warm: set[bool] = set()
+        # MoE layers trace as transformers' batched_mm experts; the setting holds on every call, as dynamo's
+        # guards on it (kept by the tensor-guard filter too) would otherwise recompile with the eager experts.
+        self._experts = experts_configs(model)
 
     def _call(self, choose: bool):
         function = self._forward_and_choose if choose else self._forward
         if choose not in self._warm:  # the first call compiles: timed, reported apart from decoding
             started = time.perf_counter()
-            result = function(*self._args)
+            with traceable_experts(self._experts):
+                result = function(*self._args)
             self.compile_time_s += time.perf_counter() - started
             self._warm.add(choose)
             return result
         self.calls += 1
+        if self._experts:
+            with traceable_experts(self._experts):
+                return function(*self._args)
         return function(*self._args)
 
     def replay(self) -> torch.Tensor:

@@ -12,7 +12,9 @@ rows with fewer drafts are padded, as in the eager path). What a captured step n
   :func:`release_graphs`, which ``unpatch`` calls). A call that needs more rows or capacity reallocates it and
   drops the captured graphs.
 - A static batch description: ``kv_len_bound`` is the capacity (the kernels mask by each row's own
-  ``cache_len``, so the bound only sizes the grid). Rows past the real ones (padding up to the bucket) keep
+  ``cache_len``, so the bound only sizes the grid); a compiled step instead attends over its KV bucket, a
+  few fixed bounds of the capacity picked from the loop's host-side bound (one compiled step per bucket).
+  Rows past the real ones (padding up to the bucket) keep
   the attention contract: each gets its own slot, one the step's real rows do not use (the cache has a
   slot more than the largest bucket, so there are always enough), and ``q_len`` 0, so it writes nothing and
   attends to nothing; the slots are picked on the device, without a host sync. Hence ``q_full`` is off
