@@ -119,6 +119,26 @@ def test_compiled_steps_equal_eager_without_recompiling(model):
     assert not hasattr(model, "_effdecode_graphs")
 
 
+def test_new_weights_drop_the_compiled_steps():
+    """Compiled steps keep no dynamo guards: weights replaced by others of another shape (here: 8 more
+    tokens in the embeddings and the LM head) make the next call build new steps, whose logits have the new
+    vocabulary and whose tokens equal eager decoding."""
+    model = tiny_model("llama", torch.float64)
+    ids, mask = ragged_prompts(1, 5, seed=4)
+    _generate(model, ids, mask, True, 3)
+    old_steps = list(graphs_of(model).steps.values())
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 8)
+    eager = _generate(model, ids, mask, False, 6)
+    out = _generate(model, ids, mask, True, 6)
+    assert torch.equal(out.sequences, eager.sequences)
+    steps = graphs_of(model).steps.values()
+    assert not any(step in old_steps for step in steps)
+    with torch.inference_mode():  # (logits, tokens) or logits: the first element's last dim is the vocab
+        assert all(step.replay()[0].shape[-1] == vocab + 8 for step in steps)
+    release_graphs(model)
+
+
 def test_compiled_padding_rows_write_nothing_and_greedy_chooses_in_graph(model):
     """3 rows in a bucket of 4: the padding row takes an unused slot with q_len 0 and must leave it as it
     was (a finished row's KV could live there); greedy decoding picks its tokens in the compiled graph."""

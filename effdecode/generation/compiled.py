@@ -238,12 +238,12 @@ class CompiledStep:
 
         tag = f"effdecode_step_b{bucket}_t{num_cols}_kv{kv_len}"
         options = dict(fullgraph=True, dynamic=False, options=inductor_options(device))
-        keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
-        if keep_tensor_guards is not None:
-            # Every call passes the same static tensors and the same model: the tensor guards (shape, dtype,
-            # device of inputs and weights) are all that can change; evaluating the config/global guards of a
-            # whole HF forward costs more per step than a layer of the compiled model.
-            options["options"]["guard_filter_fn"] = keep_tensor_guards
+        if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters exist (torch >= 2.8)
+            # No guards at all: every call passes the same static tensors, model and closure, and whatever
+            # could change an input's or a weight's shape, dtype or device (another cache, model.to, resized
+            # embeddings) makes DecodeGraphs drop its steps first (``weights_signature``). Evaluating the
+            # guards of a whole HF forward costs more per step than a layer of the compiled model.
+            options["options"]["guard_filter_fn"] = _no_guards
         self._forward = torch.compile(_unique_function(forward, tag), **options)
         choose_function = _unique_function(forward_and_choose, tag + "_choose")
         self._forward_and_choose = torch.compile(choose_function, **options)
@@ -278,6 +278,11 @@ class CompiledStep:
     def replay_and_choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, one compiled call."""
         return self._call(True)
+
+
+def _no_guards(entries: list) -> list[bool]:
+    """A dynamo guard filter keeping none of the guards."""
+    return [False] * len(entries)
 
 
 def inductor_options(device: torch.device) -> dict:

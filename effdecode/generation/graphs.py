@@ -27,6 +27,7 @@ buffer plumbing are checked everywhere; only the capture itself needs a GPU.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -161,6 +162,7 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured over the model's life (tests, stats)
         self.broken: str | None = None  # why capture failed; the model then decodes eagerly
         self.compile = False  # steps are compiled (DecodeConfig.compile of the current call)
+        self.weights: tuple | None = None  # weights_signature of the model the steps were made for
 
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
@@ -169,8 +171,10 @@ class DecodeGraphs:
         bucket = bucket_for(rows) or rows
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
         cache = self.cache
+        weights = weights_signature(model)  # compiled steps keep no guards: new weights, new steps
         if (
-            cache is None
+            weights != self.weights
+            or cache is None
             or cache.num_slots < bucket + 1
             or cache.capacity < capacity
             or cache.dtype != dtype
@@ -180,6 +184,7 @@ class DecodeGraphs:
             self.release()
             cache = SlotKVCache(geometry, bucket + 1, capacity, dtype, device)
             self.cache = cache
+            self.weights = weights
         cache.cache_lens.zero_()
         cache.positions.zero_()
         return cache
@@ -326,6 +331,13 @@ def decode_cache(
         graphs.compile = config.compile
         return graphs.cache_for(model, geometry, rows, capacity, model.dtype, device), graphs
     return SlotKVCache(geometry, rows, capacity, model.dtype, device), None
+
+
+def weights_signature(model: torch.nn.Module) -> tuple:
+    """Storage, shape and dtype of every weight and buffer: what a compiled step (compiled without guards)
+    relies on."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
 
 
 def graphs_of(model: torch.nn.Module) -> DecodeGraphs:
