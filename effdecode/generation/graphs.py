@@ -140,7 +140,8 @@ class _CapturedStep:
             self.output = None  # computed by each replay
             if self.compiled is not None:
                 # Compile now, on the warm-up inputs (q_len 0: nothing is written), so that a model dynamo
-                # cannot trace (MoE expert routing, for one) falls back to eager steps with the warning below.
+                # cannot trace (data-dependent shapes, e.g. MoE routing without batched_mm experts) falls
+                # back to eager steps with the warning below.
                 step()
 
     def replay(self):
