@@ -24,8 +24,11 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   decode step is then one compiled call and the loop's one host copy.
 
 The compiled function's inputs are the step's static buffers and the cache buffers, all the same tensors on
-every call, so dynamo's guards hold and nothing recompiles in steady state. Each (bucket, q_len, choice)
-gets its own code object, hence its own dynamo cache entry, so the recompile limit never falls back to eager.
+every call, so nothing recompiles in steady state; the steps are compiled without dynamo guards (where torch
+has guard filters), and :class:`~effdecode.generation.graphs.DecodeGraphs` drops them when the model's weights
+change. Each (bucket, q_len, KV bucket, choice) gets its own code object, hence its own dynamo cache entry,
+so the recompile limit never falls back to eager. MoE layers trace as transformers' ``batched_mm`` experts
+(:mod:`effdecode.generation.static_experts`).
 
 Using it from the decode loop (as :mod:`effdecode.generation.target` and :mod:`effdecode.generation.step`
 do): ``decode_cache`` returns the
