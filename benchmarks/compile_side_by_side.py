@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,8 +148,12 @@ def main() -> None:
         results += tiny(args.rounds)
     if "reasoner" in args.workload:
         results += reasoner(args.rounds, args.n, args.batch_size, args.max_new_tokens)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     report = {
         "environment": environment(),
+        "commit": commit or None,
         "benchmark": "HF generate vs effdecode eager vs compiled, interleaved rounds",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
