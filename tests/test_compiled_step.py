@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 import effdecode
 from effdecode import DecodeConfig
 from effdecode.generation import compiled
+from effdecode.generation.compiled import kv_bucket_for
 from effdecode.generation.graphs import graphs_of, release_graphs, width_for
 from effdecode.ops import custom_ops
 from effdecode.ops.attention import SlotBatch, slot_attention_reference
@@ -70,9 +71,19 @@ def test_width_for():
     assert [width_for(n) for n in (2, 3, 4, 5, 8, 9, 16)] == [2, 4, 4, 8, 8, 16, 16]
 
 
+def test_kv_bucket_for():
+    assert [kv_bucket_for(n, 512) for n in (1, 64, 65, 128, 129, 256, 257, 512, 600)] == [
+        64, 64, 128, 128, 256, 256, 512, 512, 512
+    ]  # fmt: skip
+    assert [kv_bucket_for(n, 256) for n in (1, 32, 33, 100, 200)] == [32, 32, 64, 128, 256]
+    assert [kv_bucket_for(n, 128) for n in (1, 20, 40)] == [32, 32, 64]  # no bucket under 32
+    assert kv_bucket_for(3, 16) == 16  # a capacity under the smallest bucket is its only bucket
+
+
 def test_compiled_steps_equal_eager_without_recompiling(model):
-    """200 tokens, rows leaving at different steps: one graph per row bucket, no graph break, no recompile
-    in steady state or on the next call, greedy tokens identical to eager decoding; unpatch frees it all."""
+    """200 tokens, rows leaving at different steps: one graph per (row bucket, KV bucket), no graph break, no
+    recompile in steady state or on the next call, greedy tokens identical to eager decoding; unpatch frees
+    it all."""
     ids, mask = ragged_prompts(3, 9, seed=5)
     eager = _generate(model, ids, mask, False, 200)
     new_tokens = eager.stats.new_tokens
@@ -86,8 +97,11 @@ def test_compiled_steps_equal_eager_without_recompiling(model):
     assert torch.equal(first.sequences, eager.sequences)
     runner = graphs_of(model)
     steps = [step for step in runner.steps.values() if step.compiled is not None]
-    buckets = sorted(step.compiled.bucket for step in steps)
-    assert len(buckets) >= 2 and len(set(buckets)) == len(buckets)  # rows left: smaller buckets took over
+    buckets = sorted((step.compiled.bucket, step.compiled.kv_len) for step in steps)
+    assert len(set(buckets)) == len(buckets)
+    assert len({b for b, _ in buckets}) >= 2  # rows left: smaller row buckets took over
+    kv_lens = {kv for _, kv in buckets}
+    assert len(kv_lens) >= 3 and max(kv_lens) == runner.cache.capacity  # KV buckets grew with the rows
     assert _graph_breaks() == breaks
     assert _compiled_graphs() - graphs_before == len(steps)  # each step compiled exactly once
     assert sum(step.compiled.calls for step in steps) > 150  # ... and then replayed without compiling
@@ -103,6 +117,26 @@ def test_compiled_steps_equal_eager_without_recompiling(model):
 
     effdecode.unpatch(model)
     assert not hasattr(model, "_effdecode_graphs")
+
+
+def test_new_weights_drop_the_compiled_steps():
+    """Compiled steps keep no dynamo guards: weights replaced by others of another shape (here: 8 more
+    tokens in the embeddings and the LM head) make the next call build new steps, whose logits have the new
+    vocabulary and whose tokens equal eager decoding."""
+    model = tiny_model("llama", torch.float64)
+    ids, mask = ragged_prompts(1, 5, seed=4)
+    _generate(model, ids, mask, True, 3)
+    old_steps = list(graphs_of(model).steps.values())
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 8)
+    eager = _generate(model, ids, mask, False, 6)
+    out = _generate(model, ids, mask, True, 6)
+    assert torch.equal(out.sequences, eager.sequences)
+    steps = graphs_of(model).steps.values()
+    assert not any(step in old_steps for step in steps)
+    with torch.inference_mode():  # (logits, tokens) or logits: the first element's last dim is the vocab
+        assert all(step.replay()[0].shape[-1] == vocab + 8 for step in steps)
+    release_graphs(model)
 
 
 def test_compiled_padding_rows_write_nothing_and_greedy_chooses_in_graph(model):
@@ -177,9 +211,11 @@ def _attention_inputs(num_cols: int, q_lens: list[int], seed: int = 0):
 
 @pytest.mark.parametrize("softcap, with_sinks", [(None, False), (2.0, False), (None, True), (2.0, True)])
 @pytest.mark.parametrize("inline", [True, False])
-def test_step_attention_matches_reference_and_q_len_0_rows_write_nothing(softcap, with_sinks, inline):
+@pytest.mark.parametrize("kv_len", [None, 9])
+def test_step_attention_matches_reference_and_q_len_0_rows_write_nothing(softcap, with_sinks, inline, kv_len):
     """The compiled step's attention (inline torch math or the custom op, run eagerly here) against the torch
-    reference, softcap and sinks included; a q_len-0 row (slot 2) writes nothing but the scratch slot."""
+    reference, softcap and sinks included, over the whole capacity (32) or a KV bucket just holding the rows
+    (9); a q_len-0 row (slot 2) writes nothing but the scratch slot."""
     query, key, value, k_cache, v_cache, rows, cache_lens, q_lens = _attention_inputs(3, [3, 1, 0])
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64) if with_sinks else None
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -189,7 +225,7 @@ def test_step_attention_matches_reference_and_q_len_0_rows_write_nothing(softcap
     )
     keys, values = k_cache[None].clone(), v_cache[None].clone()
     context = compiled.StaticStepContext(
-        keys, values, rows, cache_lens, q_lens, 4, "torch", "torch", inline=inline
+        keys, values, rows, cache_lens, q_lens, 4, "torch", "torch", inline=inline, kv_len=kv_len
     )
     out = context.attend(0, query, key, value, 0.25, 4, softcap, sinks)
     assert out.shape == expected.shape
@@ -277,23 +313,56 @@ def test_compiled_matrix_equals_eager(family, batch, mode):
     release_graphs(model)
 
 
-def test_a_model_dynamo_cannot_trace_falls_back_to_eager_steps():
-    """MoE expert routing has data-dependent shapes that fullgraph compilation refuses: the call warns once
-    and decodes eagerly, with the same tokens."""
+def test_a_model_dynamo_cannot_trace_falls_back_to_eager_steps(monkeypatch):
+    """MoE expert routing through transformers' eager experts has data-dependent shapes that fullgraph
+    compilation refuses (here: the switch to traceable experts is off): the call warns once and decodes
+    eagerly, with the same tokens."""
     import warnings
 
-    from tiny_models import ragged_prompts, tiny_family_model
-
+    monkeypatch.setattr(compiled, "experts_configs", lambda model: [])
     model = tiny_family_model("qwen3_moe", torch.float64, seed=0)
     ids, mask = ragged_prompts(2, 5, seed=1, vocab=model.config.vocab_size)
     eager = effdecode.generate(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = effdecode.generate(
+        compiled_out = effdecode.generate(
             model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
             decode_config=DecodeConfig(compile=True),
         )  # fmt: skip
     effdecode.unpatch(model)  # frees the graphs
-    assert torch.equal(eager, compiled)
+    assert torch.equal(eager, compiled_out)
     failed = [w for w in caught if "compiling the decode step failed" in str(w.message)]
     assert len(failed) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_moe_families_compile_with_traceable_experts(family):
+    """MoE steps trace transformers' batched_mm experts: no fallback, no graph break, the same greedy tokens
+    as eager steps (float64, ragged batch of 3), and the model's experts setting untouched after the call."""
+    import warnings
+
+    from effdecode.generation.static_experts import experts_configs
+
+    if not family_available(family):
+        pytest.skip(f"model_type {family!r} is not in this transformers version")
+    model = tiny_family_model(family, torch.float64, seed=0)
+    if not experts_configs(model):
+        pytest.skip("this transformers has no batched_mm experts")
+    before = model.config._experts_implementation
+    ids, mask = ragged_prompts(3, 6, seed=1, vocab=model.config.vocab_size)
+    eager = _generate(model, ids, mask, False, 10)
+    breaks, graphs_before = _graph_breaks(), _compiled_graphs()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = _generate(model, ids, mask, True, 10)
+        assert not [w for w in caught if "compiling the decode step failed" in str(w.message)]
+        assert torch.equal(out.sequences, eager.sequences)
+        assert _graph_breaks() == breaks
+        steps = graphs_of(model).steps.values()
+        assert steps and all(step.compiled is not None and step.compiled.calls > 0 for step in steps)
+        assert _compiled_graphs() - graphs_before == len(steps)  # once each: no recompile in steady state
+        assert model.config._experts_implementation == before
+    finally:
+        effdecode.unpatch(model)
+        release_graphs(model)

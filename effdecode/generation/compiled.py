@@ -11,7 +11,11 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   bucket's ``T`` columns; padding columns, and every column of a padding row (``q_len`` 0, its own unused
   slot as in :mod:`~effdecode.generation.graphs`), write into the scratch slot, the cache's last, which no
   real row ever holds (a cache has a slot more than its largest bucket), so a padding row leaves its slot
-  as it was), and the key range is the whole capacity (masked by each row's own length).
+  as it was), and the key range is the step's KV bucket (masked by each row's own length).
+- KV buckets: a step attends over the first ``kv_len`` entries of each slot, ``kv_len`` one of a few buckets
+  of the capacity (:func:`kv_bucket_for`: capacity / 8, / 4, / 2 and the capacity itself), chosen on the host
+  from the loop's bound of the rows' lengths. Early steps of a long generation then do not pay for the whole
+  capacity; each bucket is its own compiled step (at most four per row bucket and width, none after warm-up).
 - Attention itself is either our custom op (``effdecode::slot_attention``, or its ``triton_op`` twin on CUDA,
   see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
   inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
@@ -20,8 +24,11 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   decode step is then one compiled call and the loop's one host copy.
 
 The compiled function's inputs are the step's static buffers and the cache buffers, all the same tensors on
-every call, so dynamo's guards hold and nothing recompiles in steady state. Each (bucket, q_len, choice)
-gets its own code object, hence its own dynamo cache entry, so the recompile limit never falls back to eager.
+every call, so nothing recompiles in steady state; the steps are compiled without dynamo guards (where torch
+has guard filters), and :class:`~effdecode.generation.graphs.DecodeGraphs` drops them when the model's weights
+change. Each (bucket, q_len, KV bucket, choice) gets its own code object, hence its own dynamo cache entry,
+so the recompile limit never falls back to eager. MoE layers trace as transformers' ``batched_mm`` experts
+(:mod:`effdecode.generation.static_experts`).
 
 Using it from the decode loop (as :mod:`effdecode.generation.target` and :mod:`effdecode.generation.step`
 do): ``decode_cache`` returns the
@@ -44,6 +51,7 @@ import types
 
 import torch
 
+from effdecode.generation.static_experts import experts_configs, traceable_experts
 from effdecode.hf_attention import STEP_KWARG
 from effdecode.ops import custom_ops
 from effdecode.ops.backend import resolve_backend
@@ -70,11 +78,14 @@ class StaticStepContext:
         The requested attention backend; ``resolved`` the implementation it resolves to on this device.
     inline : bool
         Attention written inline (torch math traced by dynamo) rather than through the custom op.
+    kv_len : int, optional
+        Keys attended: the first ``kv_len`` entries of each row's slot, a bound of every row's
+        ``cache_lens + q_lens`` (default: the whole capacity).
     """
 
     def __init__(
         self, key_buffer, value_buffer, rows, cache_lens, q_lens, scratch: int, backend: str, resolved: str,
-        inline: bool,
+        inline: bool, kv_len: int | None = None,
     ) -> None:  # fmt: skip
         self.key_buffer = key_buffer
         self.value_buffer = value_buffer
@@ -85,6 +96,7 @@ class StaticStepContext:
         self.backend = backend
         self.resolved = resolved
         self.inline = inline
+        self.kv_len = key_buffer.shape[3] if kv_len is None else kv_len
         self._plan: tuple | None = None
         self._masks: dict = {}
 
@@ -102,11 +114,11 @@ class StaticStepContext:
             self._plan = (slots, write_index, index, valid)
         return self._plan
 
-    def _mask(self, num_cols: int, capacity: int, sliding_window: int | None) -> torch.Tensor:
-        """Boolean ``[B, 1, 1, T, capacity]``: keys each query column sees (padding columns: key 0 only)."""
+    def _mask(self, num_cols: int, kv_len: int, sliding_window: int | None) -> torch.Tensor:
+        """Boolean ``[B, 1, 1, T, kv_len]``: keys each query column sees (padding columns: key 0 only)."""
         if sliding_window not in self._masks:
             _, _, index, valid = self._write_plan(num_cols)
-            keys = torch.arange(capacity, device=index.device)
+            keys = torch.arange(kv_len, device=index.device)
             visible = keys[None, None, :] <= index[:, :, None]
             if sliding_window is not None:
                 visible = visible & (keys[None, None, :] > index[:, :, None] - sliding_window)
@@ -134,11 +146,11 @@ class StaticStepContext:
         if not self.inline:
             return custom_ops.attend(
                 query, key, value, k_cache, v_cache, self.rows, self.cache_lens, self.q_lens,
-                k_cache.shape[2], scale, sliding_window, None, False, self.backend, self.resolved,
+                self.kv_len, scale, sliding_window, None, False, self.backend, self.resolved,
                 softcap, sinks,
             )  # fmt: skip
         batch, q_heads, num_cols, head_dim = query.shape
-        kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+        kv_heads, kv_len = k_cache.shape[1], self.kv_len
         slots, write_index, _, _ = self._write_plan(num_cols)
         # The KV append writes into the whole cache buffer (a graph input), which inductor keeps in place;
         # written through the per-layer view it would copy the whole buffer every layer.
@@ -151,17 +163,18 @@ class StaticStepContext:
         # recompute the query's RoPE once per key.
         rows = self.rows.long()
         group = q_heads // kv_heads
-        keys = k_cache.index_select(0, rows).to(query.dtype)  # [B, kv_heads, capacity, D]
-        values = v_cache.index_select(0, rows).to(query.dtype)
+        # Only the step's KV bucket: the first kv_len entries (every key a live row may see).
+        keys = k_cache[:, :, :kv_len].index_select(0, rows).to(query.dtype)  # [B, kv_heads, kv_len, D]
+        values = v_cache[:, :, :kv_len].index_select(0, rows).to(query.dtype)
         q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
         logits = torch.matmul(q, keys.transpose(-1, -2)).unflatten(2, (group, num_cols)) * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.masked_fill(~self._mask(num_cols, capacity, sliding_window), _NEG_INF)
-        if sinks is not None:  # [B, kv_heads, group, T, capacity + 1], the sink column dropped after softmax
+        logits = logits.masked_fill(~self._mask(num_cols, kv_len, sliding_window), _NEG_INF)
+        if sinks is not None:  # [B, kv_heads, group, T, kv_len + 1], the sink column dropped after softmax
             sink = sinks.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
             logits = torch.cat([logits, sink], dim=-1)
-        weights = torch.softmax(logits, dim=-1)[..., :capacity]
+        weights = torch.softmax(logits, dim=-1)[..., :kv_len]
         out = torch.matmul(weights.flatten(2, 3), values).unflatten(2, (group, num_cols))
         return out.flatten(1, 2).transpose(1, 2)  # [B, T, q_heads, D]
 
@@ -185,13 +198,18 @@ class CompiledStep:
         Rows and query columns of the step.
     backend : str
         ``DecodeConfig.attn_backend``.
+    kv_len : int, optional
+        Keys the step attends (its KV bucket; default the capacity).
     """
 
-    def __init__(self, model, cache, bucket: int, num_cols: int, backend: str) -> None:
+    def __init__(
+        self, model, cache, bucket: int, num_cols: int, backend: str, kv_len: int | None = None
+    ) -> None:
         device = cache.device
         self.cache = cache
         self.bucket = bucket
         self.num_cols = num_cols
+        self.kv_len = kv_len = cache.capacity if kv_len is None else kv_len
         scratch = cache.num_slots - 1  # never a real row's: slots in use < batch size <= num_slots - 1
         self.input_ids = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
         self.positions = torch.zeros(bucket, num_cols, dtype=torch.long, device=device)
@@ -206,7 +224,7 @@ class CompiledStep:
 
         def forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer):
             context = StaticStepContext(
-                key_buffer, value_buffer, rows, cache_lens, q_lens, scratch, backend, resolved, inline
+                key_buffer, value_buffer, rows, cache_lens, q_lens, scratch, backend, resolved, inline, kv_len
             )
             outputs = model(
                 input_ids=input_ids,
@@ -221,14 +239,14 @@ class CompiledStep:
             logits = forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer)
             return logits, logits.float().argmax(dim=-1)
 
-        tag = f"effdecode_step_b{bucket}_t{num_cols}"
-        options = dict(fullgraph=True, dynamic=False)
-        keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
-        if keep_tensor_guards is not None:
-            # Every call passes the same static tensors and the same model: the tensor guards (shape, dtype,
-            # device of inputs and weights) are all that can change; evaluating the config/global guards of a
-            # whole HF forward costs more per step than a layer of the compiled model.
-            options["options"] = {"guard_filter_fn": keep_tensor_guards}
+        tag = f"effdecode_step_b{bucket}_t{num_cols}_kv{kv_len}"
+        options = dict(fullgraph=True, dynamic=False, options=inductor_options(device))
+        if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters exist (torch >= 2.8)
+            # No guards at all: every call passes the same static tensors, model and closure, and whatever
+            # could change an input's or a weight's shape, dtype or device (another cache, model.to, resized
+            # embeddings) makes DecodeGraphs drop its steps first (``weights_signature``). Evaluating the
+            # guards of a whole HF forward costs more per step than a layer of the compiled model.
+            options["options"]["guard_filter_fn"] = _no_guards
         self._forward = torch.compile(_unique_function(forward, tag), **options)
         choose_function = _unique_function(forward_and_choose, tag + "_choose")
         self._forward_and_choose = torch.compile(choose_function, **options)
@@ -237,16 +255,23 @@ class CompiledStep:
             cache.value_buffer,
         )  # fmt: skip
         self._warm: set[bool] = set()
+        # MoE layers trace as transformers' batched_mm experts; the setting holds on every call, as dynamo's
+        # guards on it (kept by the tensor-guard filter too) would otherwise recompile with the eager experts.
+        self._experts = experts_configs(model)
 
     def _call(self, choose: bool):
         function = self._forward_and_choose if choose else self._forward
         if choose not in self._warm:  # the first call compiles: timed, reported apart from decoding
             started = time.perf_counter()
-            result = function(*self._args)
+            with traceable_experts(self._experts):
+                result = function(*self._args)
             self.compile_time_s += time.perf_counter() - started
             self._warm.add(choose)
             return result
         self.calls += 1
+        if self._experts:
+            with traceable_experts(self._experts):
+                return function(*self._args)
         return function(*self._args)
 
     def replay(self) -> torch.Tensor:
@@ -256,6 +281,40 @@ class CompiledStep:
     def replay_and_choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, one compiled call."""
         return self._call(True)
+
+
+def _no_guards(entries: list) -> list[bool]:
+    """A dynamo guard filter keeping none of the guards."""
+    return [False] * len(entries)
+
+
+def inductor_options(device: torch.device) -> dict:
+    """Inductor options of a compiled step on ``device``.
+
+    On CPU the step's wrapper (the code around the kernels: buffer allocation, views, input checks) is C++
+    (``cpp_wrapper``) rather than Python: at these tiny per-step costs its Python version is a sizeable share
+    of a step. CUDA keeps the default (our CUDA graph replays the kernels without any wrapper).
+    """
+    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" and CPP_WRAPPER_ON_CPU else {}
+
+
+CPP_WRAPPER_ON_CPU = False
+KV_BUCKETS = 4  # KV-length buckets per capacity: capacity >> 3, >> 2, >> 1, capacity
+_MIN_KV_BUCKET = 32
+
+
+def kv_bucket_for(kv_bound: int, capacity: int) -> int:
+    """The KV bucket of a step whose rows hold at most ``kv_bound`` entries after it.
+
+    The smallest ``capacity >> k`` (``k < KV_BUCKETS``; at least ``_MIN_KV_BUCKET`` unless that is the
+    capacity) holding ``kv_bound``; the capacity past every bucket."""
+    bucket = capacity
+    for shift in range(1, KV_BUCKETS):
+        smaller = capacity >> shift
+        if smaller < max(kv_bound, _MIN_KV_BUCKET):
+            break
+        bucket = smaller
+    return bucket
 
 
 # The torch implementation of attention inside a compiled step is written inline (traced and fused) rather

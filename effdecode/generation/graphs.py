@@ -12,7 +12,9 @@ rows with fewer drafts are padded, as in the eager path). What a captured step n
   :func:`release_graphs`, which ``unpatch`` calls). A call that needs more rows or capacity reallocates it and
   drops the captured graphs.
 - A static batch description: ``kv_len_bound`` is the capacity (the kernels mask by each row's own
-  ``cache_len``, so the bound only sizes the grid). Rows past the real ones (padding up to the bucket) keep
+  ``cache_len``, so the bound only sizes the grid); a compiled step instead attends over its KV bucket, a
+  few fixed bounds of the capacity picked from the loop's host-side bound (one compiled step per bucket).
+  Rows past the real ones (padding up to the bucket) keep
   the attention contract: each gets its own slot, one the step's real rows do not use (the cache has a
   slot more than the largest bucket, so there are always enough), and ``q_len`` 0, so it writes nothing and
   attends to nothing; the slots are picked on the device, without a host sync. Hence ``q_full`` is off
@@ -25,12 +27,13 @@ buffer plumbing are checked everywhere; only the capture itself needs a GPU.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
-from effdecode.generation.compiled import CompiledStep
+from effdecode.generation.compiled import CompiledStep, kv_bucket_for
 from effdecode.generation.steps import forward_logits
 from effdecode.ops.attention import SlotBatch
 
@@ -80,15 +83,16 @@ class _CapturedStep:
 
     With ``compiled`` the step is a :class:`~effdecode.generation.compiled.CompiledStep` (its buffers are the
     static ones) and the graph captures the compiled function. With ``choose`` the step also returns the
-    greedy tokens (in the compiled graph when compiled).
+    greedy tokens (in the compiled graph when compiled). A compiled step attends over ``kv_len`` keys (its KV
+    bucket); an eager one over the capacity.
     """
 
     def __init__(
         self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool,
-        compiled: bool = False, choose: bool = False,
+        compiled: bool = False, choose: bool = False, kv_len: int | None = None,
     ) -> None:  # fmt: skip
         device = cache.device
-        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend) if compiled else None
+        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend, kv_len) if compiled else None
         if self.compiled is not None:  # the compiled step owns the static buffers (same initial values)
             c = self.compiled
             self.input_ids, self.positions = c.input_ids, c.positions
@@ -136,7 +140,8 @@ class _CapturedStep:
             self.output = None  # computed by each replay
             if self.compiled is not None:
                 # Compile now, on the warm-up inputs (q_len 0: nothing is written), so that a model dynamo
-                # cannot trace (MoE expert routing, for one) falls back to eager steps with the warning below.
+                # cannot trace (data-dependent shapes, e.g. MoE routing without batched_mm experts) falls
+                # back to eager steps with the warning below.
                 step()
 
     def replay(self):
@@ -158,6 +163,7 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured over the model's life (tests, stats)
         self.broken: str | None = None  # why capture failed; the model then decodes eagerly
         self.compile = False  # steps are compiled (DecodeConfig.compile of the current call)
+        self.weights: tuple | None = None  # weights_signature of the model the steps were made for
 
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
@@ -166,8 +172,10 @@ class DecodeGraphs:
         bucket = bucket_for(rows) or rows
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
         cache = self.cache
+        weights = weights_signature(model)  # compiled steps keep no guards: new weights, new steps
         if (
-            cache is None
+            weights != self.weights
+            or cache is None
             or cache.num_slots < bucket + 1
             or cache.capacity < capacity
             or cache.dtype != dtype
@@ -177,6 +185,7 @@ class DecodeGraphs:
             self.release()
             cache = SlotKVCache(geometry, bucket + 1, capacity, dtype, device)
             self.cache = cache
+            self.weights = weights
         cache.cache_lens.zero_()
         cache.positions.zero_()
         return cache
@@ -187,14 +196,21 @@ class DecodeGraphs:
         return sum(step.compiled.compile_time_s for step in self.steps.values() if step.compiled is not None)
 
     def step(
-        self, model, rows: int, num_cols: int, backend: str, choose: bool = False
+        self, model, rows: int, num_cols: int, backend: str, choose: bool = False, kv_bound: int | None = None
     ) -> _CapturedStep | None:
-        """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None."""
+        """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None.
+
+        A compiled step is also keyed by the KV bucket holding ``kv_bound`` (the rows' lengths after the step,
+        host-side; None: the capacity)."""
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
             return None
+        kv_len = None
+        if self.compile:
+            capacity = self.cache.capacity
+            kv_len = kv_bucket_for(capacity if kv_bound is None else kv_bound, capacity)
         key = (bucket, num_cols, backend)
-        key += (("compiled",) if self.compile else ()) + (("choose",) if choose else ())
+        key += (("compiled", kv_len) if self.compile else ()) + (("choose",) if choose else ())
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
@@ -208,6 +224,7 @@ class DecodeGraphs:
                     self.pool,
                     compiled=self.compile,
                     choose=choose,
+                    kv_len=kv_len,
                 )
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
@@ -228,20 +245,28 @@ class DecodeGraphs:
         positions: torch.Tensor,
         backend: str,
         q_lens: torch.Tensor | None = None,
+        kv_bound: int | None = None,
     ) -> torch.Tensor | None:
         """Replay the step for slots ``rows`` (int32 ``[B]``), or return None if no bucket holds them.
 
         Decode: ``tokens``/``positions`` int64 ``[B]``; returns logits ``[B, V]``. Verify: ``[B, T]``
         right-aligned with ``q_lens`` int32 ``[B]``; returns every column's logits ``[B, T, V]``.
+        ``kv_bound``: host bound of the rows' cache lengths after the step (a compiled step's KV bucket).
         """
-        step = self._load(model, rows, tokens, positions, backend, q_lens, choose=False)
+        step = self._load(model, rows, tokens, positions, backend, q_lens, False, kv_bound)
         if step is None:
             return None
         logits = step.replay()[: rows.shape[0]]
         return logits if tokens.dim() == 1 else logits[:, step.input_ids.shape[1] - tokens.shape[1] :]
 
     def run_and_choose(
-        self, model, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, backend: str
+        self,
+        model,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        backend: str,
+        kv_bound: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A decode step that also picks each row's greedy token (inside the compiled graph when compiled).
 
@@ -249,21 +274,23 @@ class DecodeGraphs:
         of the float32 logits), or None if no bucket holds the rows. For greedy decoding without logits
         processing (nothing between the forward and the argmax).
         """
-        step = self._load(model, rows, tokens, positions, backend, None, choose=True)
+        step = self._load(model, rows, tokens, positions, backend, None, True, kv_bound)
         if step is None:
             return None
         logits, chosen = step.replay()
         num_rows = rows.shape[0]
         return logits[:num_rows], chosen[:num_rows]
 
-    def _load(self, model, rows, tokens, positions, backend, q_lens, choose: bool) -> _CapturedStep | None:
+    def _load(
+        self, model, rows, tokens, positions, backend, q_lens, choose: bool, kv_bound: int | None
+    ) -> _CapturedStep | None:
         """The step for these inputs with its static buffers filled, or None."""
         num_rows = rows.shape[0]
         num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
         # Compiled verify steps come in widths 2, 4, 8, 16 (rows stay right-aligned, the extra columns are
         # padding), so that a changing draft length does not compile a step per width.
         width = num_cols if num_cols == 1 or not self.compile else width_for(num_cols)
-        step = self.step(model, num_rows, width, backend, choose=choose)
+        step = self.step(model, num_rows, width, backend, choose=choose, kv_bound=kv_bound)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
@@ -305,6 +332,13 @@ def decode_cache(
         graphs.compile = config.compile
         return graphs.cache_for(model, geometry, rows, capacity, model.dtype, device), graphs
     return SlotKVCache(geometry, rows, capacity, model.dtype, device), None
+
+
+def weights_signature(model: torch.nn.Module) -> tuple:
+    """Storage, shape and dtype of every weight and buffer: what a compiled step (compiled without guards)
+    relies on."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
 
 
 def graphs_of(model: torch.nn.Module) -> DecodeGraphs:

@@ -89,15 +89,14 @@ class TargetModel:
         num_cols = input_ids.shape[1]
         self.chosen = None
         if self.graphs is not None and scores is None:
-            if num_cols == 1 and choose and self.graphs.compile:
-                out = self.graphs.run_and_choose(
-                    self.model, rows, input_ids[:, 0], positions[:, 0], self.backend
-                )
+            graphs, model, backend = self.graphs, self.model, self.backend
+            if num_cols == 1 and choose and graphs.compile:
+                out = graphs.run_and_choose(model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound)
                 logits, self.chosen = out if out is not None else (None, None)
             elif num_cols == 1:
-                logits = self.graphs.run(self.model, rows, input_ids[:, 0], positions[:, 0], self.backend)
+                logits = graphs.run(model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound=kv_bound)
             else:
-                logits = self.graphs.run(self.model, rows, input_ids, positions, self.backend, q_lens=q_lens)
+                logits = graphs.run(model, rows, input_ids, positions, backend, q_lens, kv_bound)
             if logits is not None:
                 return logits[:, -1] if last_only and num_cols > 1 else logits
         cache = self.cache
