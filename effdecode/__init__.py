@@ -10,6 +10,7 @@ register_source_kernels()
 
 from effdecode.api import generate  # noqa: E402
 from effdecode.config import DecodeConfig  # noqa: E402
+from effdecode.consistency import PromptVote, vote  # noqa: E402
 from effdecode.generation.output import EffdecodeGenerateOutput  # noqa: E402
 from effdecode.patch import patch, patched, unpatch  # noqa: E402
 from effdecode.stats import GenerationStats  # noqa: E402
@@ -19,8 +20,10 @@ __all__ = [
     "DecodeConfig",
     "EffdecodeGenerateOutput",
     "GenerationStats",
+    "PromptVote",
     "generate",
     "patch",
     "patched",
     "unpatch",
+    "vote",
 ]

@@ -37,6 +37,10 @@ class GenerationStats:
         thinking option is set).
     early_exits : list[int]
         Confident early-exit probes per row (0 or 1; empty without ``early_exit``).
+    consistency : list[PromptVote]
+        Per prompt (``DecodeConfig(answer=...)``): the voted answer, its vote share, rows run and stopped,
+        tokens spent and the estimate of what full self-consistency would have spent
+        (:class:`effdecode.consistency.PromptVote`); empty without ``answer``.
     """
 
     target_forwards: int = 0
@@ -52,6 +56,7 @@ class GenerationStats:
     evicted_tokens: list[int] = field(default_factory=list)
     thinking_tokens: list[int] = field(default_factory=list)
     early_exits: list[int] = field(default_factory=list)
+    consistency: list = field(default_factory=list)
 
     @property
     def tokens_per_target_forward(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.consistency.checks import check_consistency_call
 from effdecode.distributed import placement_problem
 from effdecode.families import SUPPORTED, unsupported_reason
 from effdecode.generation.checks import (
@@ -143,6 +144,8 @@ class GenerationRequest:
     thinking: ThinkingPlan | None = None
     inputs_embeds: torch.Tensor | None = None  # [B, T0, H]: fed to the prefill instead of the ids' embeddings
     embeds_only: bool = False  # no input_ids given: input_ids are placeholders; return only the new tokens
+    num_return_sequences: int = 1  # rows per prompt (consecutive in input_ids)
+    tokenizer: Any = None  # generate's ``tokenizer=`` (stop strings, thinking markers, answers)
 
     @property
     def batch_size(self) -> int:
@@ -260,6 +263,9 @@ def build_request(
     )  # fmt: skip
     _add_stop_strings(config, hooks)
     thinking = thinking_plan(decode_config, hooks.tokenizer)
+    check_consistency_call(
+        decode_config, config.num_return_sequences or 1, hooks.tokenizer, prompt.eos_token_ids
+    )
     _check_kv_budget(decode_config, prompt.prompt_lens)
     speculation = _speculation_plan(
         model, config, assistant_model, assistant_tokenizer, hooks.tokenizer, decode_config
@@ -292,6 +298,8 @@ def build_request(
         thinking=thinking,
         inputs_embeds=inputs_embeds,
         embeds_only=embeds_only,
+        num_return_sequences=config.num_return_sequences or 1,
+        tokenizer=hooks.tokenizer,
     )
 
 

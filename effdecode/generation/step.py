@@ -16,12 +16,14 @@ from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.distributed import agree_any, tp_group
 from effdecode.generation.compiled import chooses_in_graph
 from effdecode.generation.compressing import Compression
+from effdecode.generation.consistency import Consistency
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache, as_normal_tensors
 from effdecode.generation.outputs import StepOutputs
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.shared_prefill import prefill_draft, prefill_once, sharing_factor
 from effdecode.generation.state import DecodeState, Emission, StepPlan
 from effdecode.generation.stopping import StopLogic
 from effdecode.generation.target import TargetModel
@@ -88,6 +90,9 @@ class DecodeCall:
         )
         agree = functools.partial(agree_any, model) if tensor_parallel else None
         self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree)
+        # Self-consistency (answers, votes, early stop of a prompt's rows): effdecode.generation.consistency.
+        self.consistency = Consistency(request, self.pipeline.eos_ids) if config.answer is not None else None
+        self.share = sharing_factor(request, config.compresses)  # rows per shared prefill
         self.outputs = StepOutputs(request)
         self.state = DecodeState(request, lookahead, keep_history=speculation is not None)
         # Options that need one token per step (they exclude drafting): forced text goes one token a step.
@@ -126,11 +131,16 @@ class DecodeCall:
         scores = None
         if self.compression is not None:
             scores = self.compression.prefill_scores(state.rows_host, request.prompt_lens.cpu().numpy())
-        logits = self.target.prefill(request.input_ids, request.prompt_lens, scores, request.inputs_embeds)
+        logits = prefill_once(
+            lambda ids, lens, embeds: self.target.prefill(ids, lens, scores, embeds), self.target.cache,
+            request.input_ids, request.prompt_lens, self.share, request.inputs_embeds,
+        )  # fmt: skip
         state.forwards = 1
         if self.drafting is not None:
-            self.drafting.prefill(request.input_ids, request.prompt_lens)
+            prefill_draft(self.drafting, request.input_ids, request.prompt_lens, self.share)
         emission = self._choose_one(logits)
+        if self.consistency is not None:
+            self.consistency.observe(logits, None, emission.tokens)
         if self.thinking is not None:  # (a thinking budget of 0 forces the first token already)
             _, forced, forced_counts = self.thinking.limits(state.rows_long, emission.counts.long())
             emission.tokens, emission.counts = self.thinking.apply_forced(
@@ -179,7 +189,10 @@ class DecodeCall:
         leaving = self.stop.after_append(
             state, finished, emitted.shape[1] == 1, emission.scores, self.uniform
         )
-        return self._sync(leaving, counts, triggered, probe)
+        if self.consistency is None:
+            return self._sync(leaving, counts, triggered, probe)
+        leaving = self.consistency.leaving(state.rows_long, counts, leaving)  # low-confidence rows
+        return self.consistency.after_sync(state, *self._sync(leaving, counts, triggered, probe))
 
     def _thinking_after_append(self, run_counts: torch.Tensor, probe) -> torch.Tensor | None:
         """Thinking spans, budgets and forcing follow the appended runs; int64 ``[R]`` trigger lengths."""
@@ -375,6 +388,8 @@ class DecodeCall:
                 probe, emission.tokens, emission.counts
             )
             emission.probe = probe
+        if self.consistency is not None:
+            self.consistency.observe(logits, plan.q_lens, emission.tokens)
         return emission
 
     def _choose_one(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> Emission:
@@ -425,6 +440,8 @@ class DecodeCall:
         """The HF-format result: sequences (with ``return_dict_in_generate``: scores/logits, stats)."""
         state, stats = self.state, self.stats
         self.outputs.end()
+        if self.consistency is not None:
+            stats.consistency = self.consistency.finish(state, state.max_new)
         sequences = state.result()
         stats.target_forwards = state.forwards
         stats.new_tokens = state.new_tokens.tolist()

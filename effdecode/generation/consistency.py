@@ -1,0 +1,229 @@
+"""Self-consistency participant of the decode loop: answers of finished rows, votes, early-stop policies.
+
+A prompt's k rows (``num_return_sequences``) are slots ``p * k .. p * k + k - 1``. Host work happens only in
+steps where rows leave: their new tokens (and confidences) come to the host in one extra copy, their answers
+are read, the prompt's policy decides, and a decided prompt's other rows leave the batch at once
+(:meth:`Consistency.after_sync`, which edits the step's ``stay`` mask). Steps where no row leaves cost nothing
+more, except ``"confidence"``, whose per-row running log-probabilities stay on the device and whose low-
+confidence stop joins the step's own ``leaving`` mask (no extra copy).
+
+Continuous batching: rows of a decided prompt must never start; the scheduler asks :meth:`admissible`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from effdecode.consistency.answers import AnswerReader
+from effdecode.consistency.policies import adaptive_stops, confidence_threshold, esc_stops, weighted_vote
+from effdecode.consistency.vote import PromptVote
+from effdecode.generation.request import GenerationRequest
+
+DEFAULT_THRESHOLDS = {"adaptive": 0.95, "confidence": 0.9}
+
+
+class Consistency:
+    """Answers, votes and stop decisions for the k rows of each prompt of one call.
+
+    Parameters
+    ----------
+    request : GenerationRequest
+        With ``decode_config.answer`` set.
+    eos_ids : torch.Tensor
+        int64 ``[E]``.
+    """
+
+    def __init__(self, request: GenerationRequest, eos_ids: torch.Tensor) -> None:
+        config = request.decode_config
+        self.k = max(1, request.num_return_sequences)
+        self.reader = AnswerReader(config.answer, request.tokenizer)
+        self.policy = config.consistency
+        self.window = config.consistency_window
+        self.threshold = config.consistency_threshold or DEFAULT_THRESHOLDS.get(self.policy, 0.0)
+        self.warmup = config.consistency_warmup
+        self.eos = set(eos_ids.tolist())
+        batch_size = request.input_ids.shape[0]
+        self.num_prompts = batch_size // self.k
+        self.order: list[list[int]] = [[] for _ in range(self.num_prompts)]  # slots in finish order
+        self.answers: list = [None] * batch_size
+        self.weights = np.zeros(batch_size)
+        self.recorded = np.zeros(batch_size, dtype=bool)
+        self.stopped = np.zeros(batch_size, dtype=bool)  # cancelled by the prompt's decision / low confidence
+        self.decided = np.zeros(self.num_prompts, dtype=bool)
+        self.calibrated = np.zeros(self.num_prompts, dtype=bool)  # confidence: the prompt's bar is set
+        self.lowest = np.full(batch_size, np.nan)  # confidence: each finished row's lowest window confidence
+        self.confidence = RowConfidence(batch_size, config.consistency_tokens, request.input_ids.device) if (
+            self.policy == "confidence"
+        ) else None  # fmt: skip
+
+    # -- hooks of the loop --------------------------------------------------------------------------------
+
+    def observe(self, logits: torch.Tensor, q_lens: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        """The step's logits (``[R, V]`` or ``[R, T, V]``) and emitted runs ``[R, W]`` (confidence only)."""
+        if self.confidence is not None:
+            self.confidence.observe(logits, q_lens, tokens)
+
+    def leaving(self, rows: torch.Tensor, counts: torch.Tensor, leaving: torch.Tensor) -> torch.Tensor:
+        """The step's ``leaving`` mask ``[R]`` plus rows whose confidence fell below their prompt's bar."""
+        if self.confidence is None:
+            return leaving
+        return leaving | self.confidence.after_append(rows, counts)
+
+    def after_sync(self, state, stay: np.ndarray, done: bool) -> tuple[np.ndarray, bool]:
+        """Read the leaving rows' answers (one copy), decide their prompts, stop decided prompts' rows."""
+        gone = ~stay
+        if not gone.any():
+            return stay, done
+        self._record(state, state.rows_host[gone])
+        if self.policy is None:
+            return stay, done
+        cancel = self.decided[state.rows_host // self.k] & stay
+        if cancel.any():
+            stay = stay & ~cancel
+            self.stopped[state.rows_host[cancel]] = True
+        return stay, done or not stay.any()
+
+    def admissible(self, slots: np.ndarray) -> np.ndarray:
+        """bool mask over ``slots`` (host ints): False for rows of a decided prompt (never start them)."""
+        return ~self.decided[np.asarray(slots) // self.k]
+
+    # -- host work on finished rows -----------------------------------------------------------------------
+
+    def _record(self, state, slots: np.ndarray) -> None:
+        slots = slots[~self.recorded[slots]]
+        if slots.size == 0:
+            return
+        index = torch.as_tensor(slots, device=state.device)
+        width = min(state.width_bound, state.max_new)
+        parts = [state.new_tokens[index].double()[:, None]]
+        if self.confidence is not None:
+            parts.append(self.confidence.summary(index))
+        parts.append(state.sequences[index, state.prompt_width : state.prompt_width + width].double())
+        packed = torch.cat(parts, dim=1).cpu().numpy()  # the extra copy, only in steps where rows leave
+        extra = 1 + (3 if self.confidence is not None else 0)
+        for slot, row in zip(slots.tolist(), packed, strict=True):
+            count = int(min(row[0], width))
+            tokens = row[extra : extra + count].astype(np.int64).tolist()
+            while tokens and tokens[-1] in self.eos:
+                tokens.pop()
+            low = self.confidence is not None and bool(row[1])
+            self.recorded[slot] = True
+            self.stopped[slot] |= low
+            self.answers[slot] = None if low else self.reader(tokens)
+            self.weights[slot] = 1.0 if self.confidence is None else float(np.exp(row[3]))
+            prompt = slot // self.k
+            self.order[prompt].append(slot)
+            if self.confidence is not None:
+                self.lowest[slot] = row[2]
+                self._calibrate(prompt)
+            if not self.decided[prompt]:
+                self.decided[prompt] = self._decides(prompt)
+
+    def _decides(self, prompt: int) -> bool:
+        answers = [self.answers[slot] for slot in self.order[prompt] if not self.stopped[slot]]
+        if self.policy == "esc":
+            return esc_stops(answers, self.window)
+        if self.policy == "adaptive":
+            return adaptive_stops(answers, self.threshold)
+        return False
+
+    def _calibrate(self, prompt: int) -> None:
+        """Once the prompt's first ``warmup`` rows finished, its rows get their bar (DeepConf-online)."""
+        if self.calibrated[prompt]:
+            return
+        finished = [slot for slot in self.order[prompt] if not self.stopped[slot]]
+        if len(finished) < self.warmup:
+            return
+        bar = confidence_threshold(self.lowest[finished], self.threshold)
+        self.confidence.set_bar(prompt * self.k, self.k, bar)  # a host-to-device write, in this step only
+        self.calibrated[prompt] = True
+
+    # -- result --------------------------------------------------------------------------------------------
+
+    def finish(self, state, max_new: int) -> list[PromptVote]:
+        """Rows still running are read as finished; one :class:`PromptVote` per prompt."""
+        self._record(state, state.rows_host)
+        spent = state.new_tokens.clamp(max=max_new).tolist()
+        votes = []
+        for prompt in range(self.num_prompts):
+            slots = range(prompt * self.k, (prompt + 1) * self.k)
+            order = self.order[prompt]
+            answers = [self.answers[slot] for slot in order]
+            best, share = weighted_vote(answers, [self.weights[slot] for slot in order])
+            natural = [spent[slot] for slot in slots if self.recorded[slot] and not self.stopped[slot]]
+            typical = float(np.mean(natural)) if natural else float(max_new)
+            full = sum(spent[slot] if not self.stopped[slot] else max(spent[slot], typical) for slot in slots)
+            votes.append(
+                PromptVote(
+                    best, share, [self.answers[slot] for slot in slots],
+                    [float(self.weights[slot]) if self.answers[slot] is not None else 0.0 for slot in slots],
+                    rows_run=self.k, rows_stopped=int(self.stopped[list(slots)].sum()),
+                    tokens_spent=sum(spent[slot] for slot in slots), tokens_full=round(full),
+                )
+            )  # fmt: skip
+        return votes
+
+
+class RowConfidence:
+    """Per-slot running token confidence on the device (``"confidence"``).
+
+    A row's confidence is the mean log-probability (under the model's raw distribution) of its last ``window``
+    tokens; ``lowest`` tracks its minimum over the row so far, ``total`` / ``count`` its mean over the row
+    (the vote weight is ``exp`` of that: the geometric-mean token probability). A row leaves once its window
+    is full and its confidence is below its prompt's ``bar`` (``-inf`` until calibrated).
+    """
+
+    def __init__(self, batch_size: int, window: int, device: torch.device) -> None:
+        self.window = window
+        self.ring = torch.zeros(batch_size, window, dtype=torch.float32, device=device)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.total = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self.lowest = torch.full((batch_size,), float("inf"), dtype=torch.float32, device=device)
+        self.bar = torch.full((batch_size,), float("-inf"), dtype=torch.float32, device=device)
+        self.low = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.pending: torch.Tensor | None = None  # float32 [R, W] log-probs of the step's emitted runs
+
+    def observe(self, logits: torch.Tensor, q_lens: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        width = tokens.shape[1]
+        if logits.dim() == 2:  # one token per row: the last column predicted it
+            lp = logits.float().log_softmax(-1).gather(1, tokens[:, :1])
+            self.pending = torch.cat([lp, lp.new_zeros(lp.shape[0], width - 1)], dim=1)
+            return
+        num_cols = logits.shape[1]
+        start = num_cols - q_lens.long()  # column of each row's last fed token: it predicts emitted token 0
+        columns = (start[:, None] + torch.arange(width, device=logits.device)[None, :]).clamp(
+            max=num_cols - 1
+        )
+        picked = logits.gather(1, columns[:, :, None].expand(-1, -1, logits.shape[2])).float()
+        self.pending = picked.log_softmax(-1).gather(2, tokens[:, :, None])[:, :, 0]
+
+    def after_append(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Take in the first ``counts[b]`` log-probs of each row's run; bool ``[R]`` rows that fall low."""
+        lp, self.pending = self.pending, None
+        if lp is None:
+            return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        for j in range(lp.shape[1]):
+            present = j < counts
+            slot = self.count[rows] % self.window
+            current = self.ring[rows, slot]
+            self.ring[rows, slot] = torch.where(present, lp[:, j], current)
+            self.count[rows] += present.long()
+            self.total[rows] += torch.where(present, lp[:, j], 0.0)
+            full = present & (self.count[rows] >= self.window)
+            mean = self.ring[rows].mean(dim=1)
+            self.lowest[rows] = torch.where(full, torch.minimum(self.lowest[rows], mean), self.lowest[rows])
+        full = self.count[rows] >= self.window
+        low = full & (self.ring[rows].mean(dim=1) < self.bar[rows])
+        self.low[rows] |= low
+        return low
+
+    def summary(self, index: torch.Tensor) -> torch.Tensor:
+        """float64 ``[n, 3]``: (left for low confidence, lowest window confidence, mean log-prob) per slot."""
+        count = self.count[index].clamp(min=1)
+        mean = self.total[index] / count
+        lowest = torch.where(torch.isfinite(self.lowest[index]), self.lowest[index], mean)
+        return torch.stack([self.low[index].double(), lowest.double(), mean.double()], dim=1)
+
+    def set_bar(self, first: int, k: int, bar: float) -> None:
+        self.bar[first : first + k] = bar
