@@ -64,11 +64,14 @@ class Consistency:
         if self.confidence is not None:
             self.confidence.observe(logits, q_lens, tokens)
 
-    def leaving(self, rows: torch.Tensor, counts: torch.Tensor, leaving: torch.Tensor) -> torch.Tensor:
-        """The step's ``leaving`` mask ``[R]`` plus rows whose confidence fell below their prompt's bar."""
+    def leaving(self, state, counts: torch.Tensor, leaving: torch.Tensor) -> torch.Tensor:
+        """The step's ``leaving`` mask ``[R]`` plus rows whose confidence fell below their prompt's bar (a row
+        that ends on its own in this step, EOS or ``max_new_tokens``, is not stopped)."""
         if self.confidence is None:
             return leaving
-        return leaving | self.confidence.after_append(rows, counts)
+        rows = state.rows_long
+        ending = leaving | (state.new_tokens[rows] >= state.max_new)
+        return leaving | self.confidence.after_append(rows, counts, ending)
 
     def after_sync(self, state, stay: np.ndarray, done: bool) -> tuple[np.ndarray, bool]:
         """Read the leaving rows' answers (one copy), decide their prompts, stop decided prompts' rows."""
@@ -91,7 +94,7 @@ class Consistency:
     # -- host work on finished rows -----------------------------------------------------------------------
 
     def _record(self, state, slots: np.ndarray) -> None:
-        slots = slots[~self.recorded[slots]]
+        slots = slots[~self.recorded[slots] & ~self.stopped[slots]]  # (stopped rows may still be listed)
         if slots.size == 0:
             return
         index = torch.as_tensor(slots, device=state.device)
@@ -187,7 +190,7 @@ class RowConfidence:
     def observe(self, logits: torch.Tensor, q_lens: torch.Tensor | None, tokens: torch.Tensor) -> None:
         width = tokens.shape[1]
         if logits.dim() == 2:  # one token per row: the last column predicted it
-            lp = logits.float().log_softmax(-1).gather(1, tokens[:, :1])
+            lp = logits.float().log_softmax(-1).gather(1, tokens[:, :1].clamp(min=0))
             self.pending = torch.cat([lp, lp.new_zeros(lp.shape[0], width - 1)], dim=1)
             return
         num_cols = logits.shape[1]
@@ -196,10 +199,13 @@ class RowConfidence:
             max=num_cols - 1
         )
         picked = logits.gather(1, columns[:, :, None].expand(-1, -1, logits.shape[2])).float()
-        self.pending = picked.log_softmax(-1).gather(2, tokens[:, :, None])[:, :, 0]
+        self.pending = picked.log_softmax(-1).gather(2, tokens.clamp(min=0)[:, :, None])[
+            :, :, 0
+        ]  # (-1: past the run)
 
-    def after_append(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Take in the first ``counts[b]`` log-probs of each row's run; bool ``[R]`` rows that fall low."""
+    def after_append(self, rows: torch.Tensor, counts: torch.Tensor, ending: torch.Tensor) -> torch.Tensor:
+        """Take in the first ``counts[b]`` log-probs of each row's run; bool ``[R]`` rows that fall low (not
+        ``ending`` on their own)."""
         lp, self.pending = self.pending, None
         if lp is None:
             return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
@@ -214,7 +220,7 @@ class RowConfidence:
             mean = self.ring[rows].mean(dim=1)
             self.lowest[rows] = torch.where(full, torch.minimum(self.lowest[rows], mean), self.lowest[rows])
         full = self.count[rows] >= self.window
-        low = full & (self.ring[rows].mean(dim=1) < self.bar[rows])
+        low = full & (self.ring[rows].mean(dim=1) < self.bar[rows]) & ~ending
         self.low[rows] |= low
         return low
 

@@ -191,7 +191,7 @@ class DecodeCall:
         )
         if self.consistency is None:
             return self._sync(leaving, counts, triggered, probe)
-        leaving = self.consistency.leaving(state.rows_long, counts, leaving)  # low-confidence rows
+        leaving = self.consistency.leaving(state, counts, leaving)  # low-confidence rows
         return self.consistency.after_sync(state, *self._sync(leaving, counts, triggered, probe))
 
     def _thinking_after_append(self, run_counts: torch.Tensor, probe) -> torch.Tensor | None:
