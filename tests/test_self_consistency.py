@@ -312,7 +312,10 @@ COMPOSITIONS = {
 
 @pytest.mark.parametrize("policy", ["esc", "adaptive", "confidence"])
 @pytest.mark.parametrize("composition", sorted(COMPOSITIONS))
-def test_policies_compose(per_row_draws, model, policy, composition):
+def test_policies_compose(request, model, policy, composition):
+    plain_rows = composition in ("eviction", "thinking")
+    if plain_rows:  # speculative rows draw from the verify sampler's own per-row streams already
+        request.getfixturevalue("per_row_draws")
     ids, mask = repetitive_prompts(2, 8, seed=3)
     extra = COMPOSITIONS[composition](model)
     config_fields = {key: extra.pop(key) for key in list(extra) if key in DecodeConfig.__dataclass_fields__}
@@ -333,7 +336,7 @@ def test_policies_compose(per_row_draws, model, policy, composition):
         )  # fmt: skip
     full, early = runs
     # Speculative sampling's offsets depend on the batch's width, so only plain rows keep their draws.
-    _check_stopped_rows(full, early, prefix=composition in ("eviction", "thinking"))
+    _check_stopped_rows(full, early, prefix=plain_rows)
     votes = early.stats.consistency
     assert len(votes) == 2
     if policy != "confidence":

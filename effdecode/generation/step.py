@@ -105,7 +105,8 @@ class DecodeCall:
         )
         # Every row emits one token a step (no drafts, no thinking control): the host knows their counts.
         self.uniform = speculation is None and thinking is None
-        if request.do_sample and speculation is not None:  # per-row streams of the verify sampler
+        # Per-row streams of the verify sampler (drafts, and forced thinking text fed as drafts).
+        if request.do_sample and (speculation is not None or thinking is not None):
             self.seeds = torch.randint(0, 2**62, (batch_size,), device=model.device)
             self.offsets = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         nbytes = cache.nbytes + sum(p.nbytes for p in (self.drafting, self.compression) if p is not None)
