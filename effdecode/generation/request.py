@@ -263,10 +263,7 @@ def build_request(
     )  # fmt: skip
     _add_stop_strings(config, hooks)
     thinking = thinking_plan(decode_config, hooks.tokenizer)
-    check_consistency_call(
-        decode_config, config.num_return_sequences or 1, hooks.tokenizer, prompt.eos_token_ids
-    )
-    _check_kv_budget(decode_config, prompt.prompt_lens)
+    _check_decode_config(decode_config, config, hooks, prompt)
     speculation = _speculation_plan(
         model, config, assistant_model, assistant_tokenizer, hooks.tokenizer, decode_config
     )
@@ -298,9 +295,21 @@ def build_request(
         thinking=thinking,
         inputs_embeds=inputs_embeds,
         embeds_only=embeds_only,
-        num_return_sequences=config.num_return_sequences or 1,
-        tokenizer=hooks.tokenizer,
+        **_consistency_inputs(config, hooks),
     )
+
+
+def _check_decode_config(decode_config: DecodeConfig, config, hooks, prompt) -> None:
+    """Per-call checks of the effdecode options: KV budget against the prompts, self-consistency inputs."""
+    check_consistency_call(
+        decode_config, config.num_return_sequences or 1, hooks.tokenizer, prompt.eos_token_ids
+    )
+    _check_kv_budget(decode_config, prompt.prompt_lens)
+
+
+def _consistency_inputs(config, hooks) -> dict[str, Any]:
+    """What self-consistency reads off the call: rows per prompt and the tokenizer."""
+    return dict(num_return_sequences=config.num_return_sequences or 1, tokenizer=hooks.tokenizer)
 
 
 def _refuse_unsupported_arguments(kwargs: dict[str, Any]) -> None:
