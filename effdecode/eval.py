@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import effdecode
+from effdecode import eval_consistency
 from effdecode.config import KV_POLICIES, DecodeConfig
 from effdecode.distributed import Topology, gather_replicas, init_from_env
 from effdecode.workloads.problems import LEVELS, THINK_END, Problem, extract_answer, generate_problems
@@ -702,6 +703,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--show", type=non_negative_int, default=0, help="print the first N completions")
     out.add_argument("--sweep", action="store_true", help="run the grid and write a table and a plot")
     out.add_argument("--out", default="eval-sweep", help="directory of the sweep's table and plot")
+    eval_consistency.add_arguments(parser)  # --samples / --consistency (effdecode.eval_consistency)
     out.add_argument(
         "--sweep-kv-budgets",
         type=positive_int,
@@ -790,6 +792,8 @@ def main(args: argparse.Namespace) -> int:
     draft_model = None
     if options.draft is not None:  # replicated on every rank, next to the target
         draft_model, _ = _resolve_model(options.draft, str(model.device), dtype)
+    if eval_consistency.wanted(args):  # k samples per problem, voted
+        return eval_consistency.main(args, model, tokenizer)
     warm = replace(options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None)
     run_eval(model, tokenizer, replace(warm, early_exit=False), draft_model=draft_model)  # one-time setup
     if args.sweep:
