@@ -11,6 +11,7 @@ register_source_kernels()
 from effdecode.api import generate  # noqa: E402
 from effdecode.config import DecodeConfig  # noqa: E402
 from effdecode.consistency import PromptVote, vote  # noqa: E402
+from effdecode.consistency.windows import generate_in_windows  # noqa: E402
 from effdecode.generation.output import EffdecodeGenerateOutput  # noqa: E402
 from effdecode.patch import patch, patched, unpatch  # noqa: E402
 from effdecode.stats import GenerationStats  # noqa: E402
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationStats",
     "PromptVote",
     "generate",
+    "generate_in_windows",
     "patch",
     "patched",
     "unpatch",

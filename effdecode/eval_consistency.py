@@ -69,25 +69,33 @@ def run_consistency(
     seed: int = 0,
     window: int = 4,
     threshold: float | None = None,
+    windows: bool = False,
 ) -> ConsistencyResult:
-    """Sample ``samples`` rows per problem, vote, and measure (see the module docstring)."""
+    """Sample ``samples`` rows per problem, vote, and measure (see the module docstring).
+
+    ``windows``: esc / adaptive sample ``window`` rows per round (:func:`effdecode.generate_in_windows`),
+    so rows a decision makes unnecessary never start; otherwise all k rows start together in one call.
+    """
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
+    windows = windows and policy in ("esc", "adaptive")
     config = consistency_config(policy, window, threshold)
-    result = ConsistencyResult(policy, samples, temperature, n=len(problems))
+    label = f"{policy} (windows)" if windows else policy
+    result = ConsistencyResult(label, samples, temperature, n=len(problems))
     correct = single_right = single_rows = spent = full = stopped = 0
     wall = 0.0
     for index in range(0, len(problems), prompts_per_call):
         batch = problems[index : index + prompts_per_call]
         votes, seconds = _generate_votes(
-            model, tokenizer, batch, samples, config, temperature, max_new_tokens, seed * 1_000_003 + index
-        )
+            model, tokenizer, batch, samples, config, temperature, max_new_tokens, seed * 1_000_003 + index,
+            windows,
+        )  # fmt: skip
         wall += seconds
         for problem, vote in zip(batch, votes, strict=True):
             correct += _as_int(vote.answer) == problem.answer
             # Rows read one by one; a stopped row has no answer and is left out (unbiased only with "none").
             single_right += sum(_as_int(a) == problem.answer for a in vote.answers)
-            single_rows += vote.rows_run - vote.rows_stopped
+            single_rows += vote.rows_finished
             spent, full = spent + vote.tokens_spent, full + vote.tokens_full
             stopped += vote.rows_stopped
     n = max(1, len(problems))
@@ -99,13 +107,20 @@ def run_consistency(
     return result
 
 
-def _generate_votes(model, tokenizer, batch, samples, config, temperature, max_new_tokens, seed):
+def _generate_votes(model, tokenizer, batch, samples, config, temperature, max_new_tokens, seed, windows):
     encoded = tokenizer(
         [p.prompt for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
     )
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     started = time.perf_counter()
+    if windows:
+        run = effdecode.generate_in_windows(
+            model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device), samples=samples,
+            decode_config=config, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
+        )  # fmt: skip
+        return run.votes, time.perf_counter() - started
     out = effdecode.generate(
         model, encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -169,6 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--consistency", choices=POLICIES, default="none", help="early-stop policy")
     group.add_argument("--consistency-window", type=positive_int, default=4, help="esc window")
     group.add_argument(
+        "--windows", action="store_true",
+        help="esc/adaptive: sample --consistency-window rows per round (rows not needed never start)",
+    )  # fmt: skip
+    group.add_argument(
         "--consistency-threshold", type=unit_interval, default=None,
         help="adaptive: posterior probability; confidence: share of warm-up rows to beat",
     )  # fmt: skip
@@ -182,6 +201,13 @@ def wanted(args: argparse.Namespace) -> bool:
     return samples > 1
 
 
+def prompts_per_call(rows: int, samples: int, policy: str, windows: bool, window: int) -> int:
+    """Prompts per ``generate`` call so that a call holds about ``rows`` rows (``window`` per prompt and
+    round in windows, else ``samples``)."""
+    per_prompt = window if windows and policy in ("esc", "adaptive") else samples
+    return max(1, rows // per_prompt)
+
+
 def main(args: argparse.Namespace, model, tokenizer) -> int:
     """Run self-consistency from parsed ``effdecode eval`` flags (``--sweep``: every policy)."""
     problems = generate_problems(args.n, levels=tuple(args.levels), seed=args.seed, split="test")
@@ -189,8 +215,8 @@ def main(args: argparse.Namespace, model, tokenizer) -> int:
     results = [
         run_consistency(
             model, tokenizer, problems, args.samples, policy, args.temperature, args.max_new_tokens,
-            max(1, args.batch_size // args.samples), args.seed, args.consistency_window,
-            args.consistency_threshold,
+            prompts_per_call(args.batch_size, args.samples, policy, args.windows, args.consistency_window),
+            args.seed, args.consistency_window, args.consistency_threshold, args.windows,
         )
         for policy in policies
     ]  # fmt: skip

@@ -31,6 +31,8 @@ class PromptVote:
     rows_stopped : int
         Rows a policy stopped before they finished (cancelled by the prompt's decision or low confidence),
         plus rows it never started.
+    rows_finished : int
+        Rows that ran to their own end (EOS, a stop criterion or ``max_new_tokens``) and were read.
     tokens_spent : int
         Tokens the prompt's rows generated.
     tokens_full : int
@@ -47,6 +49,7 @@ class PromptVote:
     rows_stopped: int = 0
     tokens_spent: int = 0
     tokens_full: int = 0
+    rows_finished: int = 0
 
     @property
     def tokens_saved(self) -> float:
@@ -103,5 +106,5 @@ def vote(
         group_weights = [1.0] * k if weights is None else [float(w) for w in weights[start : start + k]]
         best, share = weighted_vote(answers, group_weights)
         spent = sum(len(row) for row in group)
-        results.append(PromptVote(best, share, answers, group_weights, k, 0, spent, spent))
+        results.append(PromptVote(best, share, answers, group_weights, k, 0, spent, spent, rows_finished=k))
     return results

@@ -163,6 +163,7 @@ class Consistency:
                     [float(self.weights[slot]) if self.answers[slot] is not None else 0.0 for slot in slots],
                     rows_run=self.k, rows_stopped=int(self.stopped[list(slots)].sum()),
                     tokens_spent=sum(spent[slot] for slot in slots), tokens_full=round(full),
+                    rows_finished=len(natural),
                 )
             )  # fmt: skip
         return votes
