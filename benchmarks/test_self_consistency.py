@@ -44,7 +44,17 @@ RUNS = (
 )
 
 
-def run_all(model, tokenizer, n: int, samples: int, temperature: float, window: int, rows: int) -> dict:
+def run_all(
+    model,
+    tokenizer,
+    n: int,
+    samples: int,
+    temperature: float,
+    window: int,
+    rows: int,
+    threshold: float | None = None,
+    windows_only: bool = False,
+) -> dict:
     problems = generate_problems(n, seed=0, split="test")
     report: dict = {}
     started = time.perf_counter()
@@ -53,15 +63,16 @@ def run_all(model, tokenizer, n: int, samples: int, temperature: float, window: 
                             wall_time_s=time.perf_counter() - started)  # fmt: skip
     single = run_consistency(model, tokenizer, problems, 1, "none", temperature, prompts_per_call=rows)
     report["one sample"] = single.to_dict()
-    for label, policy, windows in RUNS:
+    runs = [run for run in RUNS if run[0] == "SC@k" or run[2] or not windows_only]
+    for label, policy, windows in runs:
         per_call = max(1, rows // (window if windows else samples))
         result = run_consistency(
             model, tokenizer, problems, samples, policy, temperature, prompts_per_call=per_call,
-            window=window, windows=windows,
+            window=window, windows=windows, threshold=threshold if policy == "adaptive" else None,
         )  # fmt: skip
         report[label] = result.to_dict()
     full = report["SC@k"]
-    for label, _, _ in RUNS:
+    for label, _, _ in runs:
         entry = report[label]
         entry["tokens_saved_vs_full_sc"] = 1.0 - entry["mean_tokens"] / full["mean_tokens"]
         entry["accuracy_minus_full_sc"] = entry["accuracy"] - full["accuracy"]
@@ -92,6 +103,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=None, help="adaptive: posterior (default 0.95)")
+    parser.add_argument("--windows-only", action="store_true", help="of the policies, only the windowed ones")
     parser.add_argument("--rows", type=int, default=128, help="rows per generate call (about)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
@@ -103,8 +116,20 @@ def main() -> None:
         "benchmark": (
             f"python benchmarks/test_self_consistency.py -n {args.n} --samples {args.samples} --temperature "
             f"{args.temperature} --window {args.window} --rows {args.rows} --threads {args.threads}"
+            + (f" --threshold {args.threshold}" if args.threshold is not None else "")
+            + (" --windows-only" if args.windows_only else "")
         ),
-        "runs": run_all(model, tokenizer, args.n, args.samples, args.temperature, args.window, args.rows),
+        "runs": run_all(
+            model,
+            tokenizer,
+            args.n,
+            args.samples,
+            args.temperature,
+            args.window,
+            args.rows,
+            args.threshold,
+            args.windows_only,
+        ),
     }
     text = json.dumps(report, indent=2)
     print(text)

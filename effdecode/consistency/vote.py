@@ -36,9 +36,11 @@ class PromptVote:
     tokens_spent : int
         Tokens the prompt's rows generated.
     tokens_full : int
-        Estimate of what full self-consistency (every row to its end) would have generated: each stopped
-        row counts as the mean length of the prompt's rows that finished on their own (at least what it had
-        spent; ``max_new_tokens`` when none finished).
+        Estimate of what full self-consistency (every row to its end) would have generated. In one call:
+        each stopped row counts ``max(its tokens + 1, mean length of the prompt's rows that finished on
+        their own)`` (``max_new_tokens`` when none did): a lower bound, since rows stopped in flight are the
+        long ones. In windows (:func:`effdecode.generate_in_windows`): ``k`` x the mean length of the rows
+        run. Compare against a measured full-SC run where it matters (the benchmark does).
     """
 
     answer: Hashable | None

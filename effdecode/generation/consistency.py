@@ -156,7 +156,9 @@ class Consistency:
             best, share = weighted_vote(answers, [self.weights[slot] for slot in order])
             natural = [spent[slot] for slot in slots if self.recorded[slot] and not self.stopped[slot]]
             typical = float(np.mean(natural)) if natural else float(max_new)
-            full = sum(spent[slot] if not self.stopped[slot] else max(spent[slot], typical) for slot in slots)
+            # A stopped row would have run at least one more token (rows that finished on their own are
+            # the short ones when all rows advance together: this is a lower bound of full SC's cost).
+            full = sum(max(spent[s] + 1, typical) if self.stopped[s] else spent[s] for s in slots)
             votes.append(
                 PromptVote(
                     best, share, [self.answers[slot] for slot in slots],
