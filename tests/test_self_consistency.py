@@ -372,3 +372,28 @@ def test_a_step_without_finished_rows_copies_to_the_host_once(monkeypatch):
             counts.append((counter["n"], out.stats.target_forwards))
     for (short, short_forwards), (long, long_forwards) in zip(counts[:2], counts[2:], strict=True):
         assert (long - short) / (long_forwards - short_forwards) == 1.0
+
+
+def test_row_confidence_tracks_windows_and_stops_below_the_bar():
+    from effdecode.generation.consistency import RowConfidence
+
+    confidence = RowConfidence(batch_size=3, window=2, device=torch.device("cpu"))
+    rows = torch.tensor([0, 1, 2])
+    logits = torch.zeros(3, 4)
+    logits[0, 1] = 10.0  # row 0: its token is near-certain; rows 1, 2: a uniform pick (log 1/4)
+    tokens = torch.tensor([[1], [2], [3]])
+    never = torch.zeros(3, dtype=torch.bool)
+    confidence.set_bar(0, 3, -1.0)
+    confidence.observe(logits, None, tokens)
+    assert not confidence.after_append(rows, torch.ones(3, dtype=torch.long), never).any()  # window not full
+    confidence.observe(logits, None, tokens)
+    ending = torch.tensor([False, False, True])  # row 2 ends on its own this step: not stopped
+    low = confidence.after_append(rows, torch.ones(3, dtype=torch.long), ending)
+    assert low.tolist() == [False, True, False]
+    summary = confidence.summary(rows)
+    assert summary[:, 0].tolist() == [0.0, 1.0, 0.0]
+    assert summary[1, 1].item() == pytest.approx(np.log(0.25), abs=1e-5)  # lowest window mean
+    assert summary[0, 2].item() > -1e-3 and summary[1, 2].item() == pytest.approx(np.log(0.25), abs=1e-5)
+    # A drafted run [R, T, V]: emitted token j is scored by column (T - q_len) + j.
+    confidence.observe(torch.stack([logits, logits], dim=1), torch.tensor([2, 1, 2]), tokens.repeat(1, 2))
+    assert confidence.pending.shape == (3, 2)
