@@ -774,6 +774,7 @@ def main(args: argparse.Namespace) -> int:
     """
     options = options_from_args(args)
     options.decode_config()  # bad DecodeConfig values fail here, before any model loads
+    self_consistency = eval_consistency.wanted(args)  # --samples / --consistency checked before loading too
     tp = getattr(args, "tp", 1)
     topology = init_from_env(tp, args.device)
     if topology.tp > 1 and topology.tp != topology.world_size:
@@ -792,7 +793,7 @@ def main(args: argparse.Namespace) -> int:
     draft_model = None
     if options.draft is not None:  # replicated on every rank, next to the target
         draft_model, _ = _resolve_model(options.draft, str(model.device), dtype)
-    if eval_consistency.wanted(args):  # k samples per problem, voted
+    if self_consistency:  # k samples per problem, voted (effdecode.eval_consistency)
         return eval_consistency.main(args, model, tokenizer)
     warm = replace(options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None)
     run_eval(model, tokenizer, replace(warm, early_exit=False), draft_model=draft_model)  # one-time setup
