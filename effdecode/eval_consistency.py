@@ -189,7 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     group.add_argument(
         "--consistency-threshold", type=unit_interval, default=None,
-        help="adaptive: posterior probability; confidence: share of warm-up rows to beat",
+        help="adaptive: posterior probability; confidence: share of warm-up rows to beat (default: 0.95 "
+        "for adaptive, 0.9 for confidence)",
     )  # fmt: skip
 
 
