@@ -13,6 +13,8 @@ from effdecode.api import generate  # noqa: E402
 from effdecode.batch_api import generate_batch  # noqa: E402
 from effdecode.batch_outputs import BatchRequestOutput, RequestStats  # noqa: E402
 from effdecode.config import DecodeConfig  # noqa: E402
+from effdecode.consistency import PromptVote, vote  # noqa: E402
+from effdecode.consistency.windows import generate_in_windows  # noqa: E402
 from effdecode.generation.output import EffdecodeGenerateOutput  # noqa: E402
 from effdecode.patch import patch, patched, unpatch  # noqa: E402
 from effdecode.stats import GenerationStats  # noqa: E402
@@ -24,9 +26,12 @@ __all__ = [
     "EffdecodeGenerateOutput",
     "GenerationStats",
     "RequestStats",
+    "PromptVote",
     "generate",
     "generate_batch",
+    "generate_in_windows",
     "patch",
     "patched",
     "unpatch",
+    "vote",
 ]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from effdecode.consistency.checks import check_consistency_fields
 from effdecode.ops.backend import BACKENDS
 
 # CUDA graphs replay decode steps by default on CUDA once a GPU run (scripts/gpu_check.sh,
@@ -108,6 +109,30 @@ class DecodeConfig:
         the same tensor as without it. ``"auto"`` sizes the slot count from free memory and the per-row KV
         bytes (a row costs ``kv_budget + compress_every`` entries with ``kv_budget``); see
         :func:`effdecode.generation.slots.auto_slots`. None: every row gets a slot.
+    answer : str, callable or (list[int], list[int]), optional
+        How a finished row's answer is read (self-consistency, :mod:`effdecode.consistency`): a regex with
+        exactly one group searched in the row's decoded new text (last match; needs ``tokenizer=``), a
+        callable ``text -> hashable or None`` on that text (needs ``tokenizer=``), or token-id markers
+        ``(start_ids, end_ids)`` (the ids after the last ``start_ids``, up to ``end_ids`` or the row's end).
+        With ``num_return_sequences=k`` the answers of each prompt's k rows are voted: ``stats.consistency``.
+    consistency : str, optional
+        Stop a prompt's k rows early: ``"esc"`` (Early-Stopping Self-Consistency: the prompt stops once a
+        window of ``consistency_window`` answers, in the order rows finish, all agree), ``"adaptive"``
+        (Adaptive-Consistency, Beta criterion: stop once the posterior probability that the leading answer
+        beats the runner-up is >= ``consistency_threshold``) or ``"confidence"`` (DeepConf-style: a row
+        whose mean token log-probability over its last ``consistency_tokens`` tokens falls below a threshold
+        calibrated on the prompt's first ``consistency_warmup`` finished rows stops; votes are weighted by
+        confidence). Needs ``answer`` and ``num_return_sequences >= 2``.
+    consistency_window : int
+        ``"esc"``: answers per window (>= 1).
+    consistency_threshold : float, optional
+        ``"adaptive"``: posterior probability in (0.5, 1) (default 0.95); ``"confidence"``: the share of
+        the warm-up rows' lowest window confidences a row must beat, in (0, 1] (default 0.9: the threshold
+        is their 10th percentile, DeepConf-high).
+    consistency_warmup : int
+        ``"confidence"``: finished rows per prompt that calibrate its threshold (>= 1).
+    consistency_tokens : int
+        ``"confidence"``: tokens of the sliding window whose mean log-probability is a row's confidence.
     """
 
     attn_backend: str = "auto"
@@ -133,6 +158,12 @@ class DecodeConfig:
     early_exit_threshold: float = 0.95
     early_exit_confidence: str = "mean"
     max_slots: int | Literal["auto"] | None = None
+    answer: Any = None
+    consistency: str | None = None
+    consistency_window: int = 4
+    consistency_threshold: float | None = None
+    consistency_warmup: int = 4
+    consistency_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.attn_backend not in BACKENDS:
@@ -189,6 +220,7 @@ class DecodeConfig:
             raise ValueError("DecodeConfig.think_end is required by thinking_budget and early_exit")
         if self.early_exit is not None and not self.early_exit_triggers:
             raise ValueError("DecodeConfig.early_exit_triggers is empty: early_exit would never probe")
+        check_consistency_fields(self)
 
     def graphs_on(self, device: torch.device) -> bool:
         """Whether decode steps on ``device`` replay CUDA graphs (emulated eagerly off CUDA if forced on)."""

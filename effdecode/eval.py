@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import effdecode
+from effdecode import eval_consistency
 from effdecode.config import KV_POLICIES, DecodeConfig
 from effdecode.distributed import Topology, gather_replicas, init_from_env
 from effdecode.workloads.problems import LEVELS, THINK_END, Problem, extract_answer, generate_problems
@@ -597,6 +598,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_decode_config_arguments(parser.add_argument_group("DecodeConfig"))
     _add_output_arguments(parser.add_argument_group("output"))
     _add_sweep_arguments(parser.add_argument_group("sweep"))
+    eval_consistency.add_arguments(parser)  # --samples / --consistency (effdecode.eval_consistency)
 
 
 def _add_problem_arguments(group) -> None:
@@ -840,6 +842,7 @@ def main(args: argparse.Namespace) -> int:
     """
     options = options_from_args(args)
     options.decode_config()  # bad DecodeConfig values fail here, before any model loads
+    self_consistency = eval_consistency.wanted(args)  # --samples / --consistency checked before loading too
     tp = getattr(args, "tp", 1)
     topology = init_from_env(tp, args.device)
     if topology.tp > 1 and topology.tp != topology.world_size:
@@ -858,6 +861,8 @@ def main(args: argparse.Namespace) -> int:
     draft_model = None
     if options.draft is not None:  # replicated on every rank, next to the target
         draft_model, _ = _resolve_model(options.draft, str(model.device), dtype)
+    if self_consistency:  # k samples per problem, voted (effdecode.eval_consistency)
+        return eval_consistency.main(args, model, tokenizer)
     warm = replace(
         options, n=1, max_new_tokens=2, batch_size=1, kv_budget=None, thinking_budget=None, progress_bar=False
     )

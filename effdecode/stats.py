@@ -44,6 +44,10 @@ class GenerationStats:
         Per row: seconds from the start of the call until the row finished (left the batch).
     slots : int
         KV slots the call used (``DecodeConfig.max_slots``, resolved; the batch size without it).
+    consistency : list[PromptVote]
+        Per prompt (``DecodeConfig(answer=...)``): the voted answer, its vote share, rows run and stopped,
+        tokens spent and the estimate of what full self-consistency would have spent
+        (:class:`effdecode.consistency.PromptVote`); empty without ``answer``.
     """
 
     target_forwards: int = 0
@@ -62,6 +66,7 @@ class GenerationStats:
     first_token_s: list[float] = field(default_factory=list)
     finish_s: list[float] = field(default_factory=list)
     slots: int = 0
+    consistency: list = field(default_factory=list)
 
     @property
     def tokens_per_target_forward(self) -> float:

@@ -191,27 +191,42 @@ def test_stats_and_finished_callback(model, prompts, monkeypatch):
 
 
 def test_sampling_uses_per_request_streams():
-    """A fixed seed gives the same tensor for any max_slots, and a row samples the same tokens in a
-    smaller batch (its stream depends on its row index only, not on its batch, slot or admission)."""
+    """With max_slots, a fixed seed gives the same tensor for any slot count, and a row samples the same
+    tokens in a smaller batch (its stream depends on its row index only, not on its batch, slot or
+    admission). Without max_slots the CPU draws as transformers does (one multinomial over the batch)."""
     sampler = tiny_model("qwen2", torch.float32, seed=22)
     ids, mask = ragged_prompts(8, max_len=6, seed=22)
     kwargs = dict(do_sample=True, max_new_tokens=16, top_k=0, temperature=1.5, eos_token_id=5, pad_token_id=0)
     outputs = {}
-    for slots in (None, 2, 8, 3):
+    for slots in (8, 2, 3, 1):
         torch.manual_seed(7)
         outputs[slots] = effdecode.generate(
             sampler, ids, attention_mask=mask, decode_config=DecodeConfig(max_slots=slots), **kwargs
         )
-    for slots in (2, 8, 3):
-        assert torch.equal(outputs[slots], outputs[None]), slots
+    for slots in (2, 3, 1):
+        assert torch.equal(outputs[slots], outputs[8]), slots
     torch.manual_seed(7)
-    prefix = effdecode.generate(sampler, ids[:3], attention_mask=mask[:3], **kwargs)
-    assert torch.equal(prefix, outputs[None][:3, : prefix.shape[1]])
+    prefix = effdecode.generate(
+        sampler, ids[:3], attention_mask=mask[:3], decode_config=DecodeConfig(max_slots=3), **kwargs
+    )
+    assert torch.equal(prefix, outputs[8][:3, : prefix.shape[1]])
     torch.manual_seed(8)
     other = effdecode.generate(
         sampler, ids, attention_mask=mask, decode_config=DecodeConfig(max_slots=2), **kwargs
     )
-    assert not torch.equal(other, outputs[None])
+    assert not torch.equal(other, outputs[8])
+
+
+def test_sampling_without_max_slots_draws_as_transformers():
+    """Rows that all run to the end: a seeded effdecode call gives transformers' own sampled tokens."""
+    sampler = tiny_model("qwen2", torch.float64, seed=22)
+    ids, mask = ragged_prompts(4, max_len=6, seed=22)
+    kwargs = dict(do_sample=True, max_new_tokens=10, top_k=0, temperature=1.5, pad_token_id=0)
+    torch.manual_seed(7)
+    expected = sampler.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs)
+    torch.manual_seed(7)
+    ours = effdecode.generate(sampler, ids, attention_mask=mask, eos_token_id=None, **kwargs)
+    assert torch.equal(ours, expected)
 
 
 class _Nudge(LogitsProcessor):
@@ -256,8 +271,8 @@ def test_repetition_penalty_and_return_sequences(model, prompts):
     out = _generate(model, ids, mask, DecodeConfig(), 2, repetition_penalty=1.3)
     assert torch.equal(out.sequences, base.sequences)
     kwargs = dict(attention_mask=mask[:3], max_new_tokens=10, do_sample=True, num_return_sequences=2)
-    torch.manual_seed(3)
-    first = effdecode.generate(model, ids[:3], **kwargs)
+    torch.manual_seed(3)  # 3 prompts x 2 sequences: 6 rows in 6 slots, then in 3
+    first = effdecode.generate(model, ids[:3], decode_config=DecodeConfig(max_slots=6), **kwargs)
     torch.manual_seed(3)
     second = effdecode.generate(model, ids[:3], decode_config=DecodeConfig(max_slots=3), **kwargs)
     assert torch.equal(first, second)

@@ -16,7 +16,7 @@ from effdecode.generation.request import GenerationRequest
 from effdecode.generation.streams import draw, draw_base_seed, row_seeds
 from effdecode.generation.user_hooks import apply_processors
 from effdecode.ops.backend import resolve_backend
-from effdecode.ops.sampling import sample_tokens, warp_logits
+from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
 
 
 @functools.cache
@@ -87,18 +87,25 @@ class LogitsPipeline:
         self.penalty_skip: torch.Tensor | None = None
         if request.repetition_penalty != 1.0 and penalty_skips_padding():
             self.penalty_skip = torch.zeros(slots, dtype=torch.long, device=device)
-        # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox;
-        # elsewhere the torch path keeps transformers' warpers and inverts the CDF at a counter-based draw.
-        # Both draw from per-request streams (effdecode.generation.streams) whose base seed comes from torch's
+        # Where Triton runs (CUDA, or forced), sampling is one sort-free kernel launch with in-kernel Philox.
+        # With continuous batching (max_slots) the torch path inverts the CDF at a counter-based draw. Both
+        # draw from per-request streams (effdecode.generation.streams) whose base seed comes from torch's
         # generator, so torch.manual_seed still reproduces a call and a request's draws do not depend on its
-        # batch or slot.
+        # batch, slot or admission order. Otherwise the torch path (CPU) draws as transformers does
+        # (torch.multinomial over the batch), so a seeded call whose rows all run to the end gives
+        # transformers' own tokens.
         self.kernel_sampler = (
             request.do_sample
             and not request.output_scores
             and resolve_backend("auto", device, has_cuda_op=False, has_triton_op=True) == "triton"
         )
+        self.streams = request.do_sample and (
+            self.kernel_sampler or request.decode_config.max_slots is not None
+        )
         if request.do_sample:
-            self.base_seed = draw_base_seed()
+            # (drawn after transformers' would-be draws only where they cannot matter: see above)
+            needs_seed = self.streams or request.speculation is not None or request.thinking is not None
+            self.base_seed = draw_base_seed() if needs_seed else 0
             self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
             self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
         if self.kernel_sampler:
@@ -201,6 +208,8 @@ class LogitsPipeline:
         """int64 ``[B]`` next tokens of slots ``rows``: argmax for greedy, a draw when sampling."""
         if not self.request.do_sample:
             return scores.argmax(dim=-1)
+        if not self.streams:
+            return sample_from_scores(scores)
         if not self.kernel_sampler:
             tokens = draw(scores, self.seeds[rows], self.offsets[rows])
             self.offsets[rows] += 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from effdecode.config import DecodeConfig
+from effdecode.consistency.checks import check_consistency_call
 from effdecode.distributed import placement_problem
 from effdecode.families import SUPPORTED, unsupported_reason
 from effdecode.generation.checks import (
@@ -147,6 +148,8 @@ class GenerationRequest:
     # Called from the host with the int64 request-row indices that just finished (each row once, in the step
     # it leaves; rows still running at the end too, and rows max_time left waiting). No device-to-host copy.
     on_rows_finished: Callable[[np.ndarray], None] | None = None
+    num_return_sequences: int = 1  # rows per prompt (consecutive in input_ids)
+    tokenizer: Any = None  # generate's ``tokenizer=`` (stop strings, thinking markers, answers)
 
     @property
     def batch_size(self) -> int:
@@ -264,7 +267,7 @@ def build_request(
     )  # fmt: skip
     _add_stop_strings(config, hooks)
     thinking = thinking_plan(decode_config, hooks.tokenizer)
-    _check_kv_budget(decode_config, prompt.prompt_lens)
+    _check_decode_config(decode_config, config, hooks, prompt)
     speculation = _speculation_plan(
         model, config, assistant_model, assistant_tokenizer, hooks.tokenizer, decode_config
     )
@@ -296,7 +299,21 @@ def build_request(
         thinking=thinking,
         inputs_embeds=inputs_embeds,
         embeds_only=embeds_only,
+        **_consistency_inputs(config, hooks),
     )
+
+
+def _check_decode_config(decode_config: DecodeConfig, config, hooks, prompt) -> None:
+    """Per-call checks of the effdecode options: KV budget against the prompts, self-consistency inputs."""
+    check_consistency_call(
+        decode_config, config.num_return_sequences or 1, hooks.tokenizer, prompt.eos_token_ids
+    )
+    _check_kv_budget(decode_config, prompt.prompt_lens)
+
+
+def _consistency_inputs(config, hooks) -> dict[str, Any]:
+    """What self-consistency reads off the call: rows per prompt and the tokenizer."""
+    return dict(num_return_sequences=config.num_return_sequences or 1, tokenizer=hooks.tokenizer)
 
 
 def _refuse_unsupported_arguments(kwargs: dict[str, Any]) -> None:

@@ -93,6 +93,17 @@ class Admission:
     prompt_lens_host: np.ndarray
     inputs_embeds: torch.Tensor | None = None
 
+    def subset(self, index: np.ndarray) -> Admission:
+        """The admission of rows ``index`` (host positions into this one) alone."""
+        device_index = torch.as_tensor(index, device=self.slots_dev.device)
+        embeds = self.inputs_embeds
+        return Admission(
+            self.slots[index], self.requests[index], self.slots_dev[device_index],
+            self.requests_dev[device_index], self.input_ids.index_select(0, device_index),
+            self.prompt_lens.index_select(0, device_index), self.prompt_lens_host[index],
+            embeds.index_select(0, device_index) if embeds is not None else None,
+        )  # fmt: skip
+
 
 class DecodeState:
     """The call's per-slot buffers, the active rows (slots) and the per-request results.
@@ -142,7 +153,12 @@ class DecodeState:
         self.leading = True  # rows == arange(R): the attention op may skip the gather
         self.request_of = np.full(slots, -1, dtype=np.int64)  # request row held by each slot
         self.request_of_dev = torch.full((slots,), -1, dtype=torch.long, device=device)
-        self.next_request = 0  # requests [next_request, B) wait for a slot
+        self.order = np.arange(self.batch_size)  # admission order of the requests
+        self.next_request = 0  # requests order[next_request:] wait for a slot
+        # Asked which waiting requests may still start (self-consistency: rows of a decided prompt never do);
+        # those it refuses are cancelled (0 new tokens) and listed in ``cancelled`` for the step.
+        self.admissible = None
+        self.cancelled = np.zeros(0, dtype=np.int64)
         self.free_slots = list(range(slots))  # host, kept in increasing order
         self.prompt_lens_host = request.prompt_lens.cpu().numpy()
         self.ones = torch.ones(slots, dtype=torch.int32, device=device)  # never written
@@ -159,20 +175,40 @@ class DecodeState:
         """Requests not admitted yet."""
         return self.batch_size - self.next_request
 
+    def waiting_requests(self) -> np.ndarray:
+        """int64 the requests not admitted yet, in admission order (host)."""
+        return self.order[self.next_request :]
+
+    def _take(self, free: int) -> np.ndarray:
+        """Up to ``free`` waiting requests to admit, in order; those ``admissible`` refuses on the way are
+        cancelled (``self.cancelled``)."""
+        waiting = self.waiting_requests()
+        if self.admissible is None:
+            self.next_request += min(free, len(waiting))
+            return waiting[:free]
+        allowed = self.admissible(waiting)
+        taken = np.flatnonzero(allowed)[:free]
+        seen = taken[-1] + 1 if len(taken) == free and free > 0 else len(waiting)
+        self.cancelled = waiting[:seen][~allowed[:seen]]
+        self.next_request += seen
+        return waiting[taken]
+
     def admit(self) -> Admission | None:
-        """Waiting requests into the free slots (request order, lowest slots first), or None."""
-        count = min(len(self.free_slots), self.waiting)
+        """Waiting requests into the free slots (admission order, lowest slots first), or None."""
+        self.cancelled = self.cancelled[:0]
+        if not self.free_slots or not self.waiting:
+            return None
+        requests = self._take(len(self.free_slots)).astype(np.int64)
+        count = len(requests)
         if count == 0:
             return None
         slots = np.asarray(self.free_slots[:count], dtype=np.int64)
         del self.free_slots[:count]
-        requests = np.arange(self.next_request, self.next_request + count, dtype=np.int64)
         self.reused |= bool((self.request_of[slots] >= 0).any())
-        self.next_request += count
         request, device = self.request, self.device
         slots_dev = torch.as_tensor(slots, device=device)
         requests_dev = torch.as_tensor(requests, device=device)
-        if count == self.batch_size:  # every request at once (no max_slots): no gathers
+        if count == self.batch_size and (requests == np.arange(count)).all():  # all at once: no gathers
             input_ids, prompt_lens, embeds = request.input_ids, request.prompt_lens, request.inputs_embeds
         else:
             input_ids = request.input_ids.index_select(0, requests_dev)

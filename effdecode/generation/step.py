@@ -16,12 +16,14 @@ from effdecode.distributed import agree_any, tp_group
 from effdecode.generation.admission import RowStats, join_emissions
 from effdecode.generation.compiled import chooses_in_graph
 from effdecode.generation.compressing import Compression
+from effdecode.generation.consistency import Consistency
 from effdecode.generation.drafting import Drafting
 from effdecode.generation.graphs import decode_cache
 from effdecode.generation.logits import LogitsPipeline
 from effdecode.generation.output import EffdecodeGenerateOutput, LazyHFCache, as_normal_tensors
 from effdecode.generation.outputs import StepOutputs
 from effdecode.generation.request import GenerationRequest
+from effdecode.generation.shared_prefill import replicate_prefill, sharing_groups
 from effdecode.generation.slots import row_layout, slots_for
 from effdecode.generation.state import DecodeState, Emission, StepPlan
 from effdecode.generation.stopping import StopLogic
@@ -80,8 +82,15 @@ class DecodeCall:
         )
         agree = functools.partial(agree_any, model) if tensor_parallel else None
         self.stop = StopLogic(request, self.pipeline.eos_ids, started, agree, slots)
+        # Self-consistency (answers, votes, early stop of a prompt's rows): effdecode.generation.consistency.
+        self.consistency = Consistency(request, self.pipeline.eos_ids) if config.answer is not None else None
+        self.share = 1 if config.compresses else max(1, request.num_return_sequences)  # rows per prefill
         self.outputs = StepOutputs(request)
         self.state = DecodeState(request, lookahead, keep_history=speculation is not None, slots=slots)
+        if self.consistency is not None:  # rows of decided prompts never start; windows first (esc/adaptive)
+            self.state.admissible = self.consistency.admissible
+            if slots < batch_size:  # (with a slot per row, slot i holds request i throughout)
+                self.state.order = self.consistency.admission_order(batch_size)
         # Options that need one token per step (they exclude drafting): forced text goes one token a step.
         self.one_token = (
             self.pipeline.needs_history
@@ -93,7 +102,8 @@ class DecodeCall:
         # Every row emits one token a step (no drafts, no thinking control, no late admissions): the host
         # knows their counts.
         self.uniform = speculation is None and thinking is None and slots == batch_size
-        if request.do_sample and speculation is not None:  # per-row streams of the verify sampler
+        # Per-row streams of the verify sampler (drafts, and forced thinking text fed as drafts).
+        if request.do_sample and (speculation is not None or thinking is not None):
             self.seeds = torch.zeros(slots, dtype=torch.long, device=model.device)
             self.offsets = torch.zeros(slots, dtype=torch.long, device=model.device)
         nbytes = cache.nbytes + sum(p.nbytes for p in (self.drafting, self.compression) if p is not None)
@@ -127,31 +137,35 @@ class DecodeCall:
         """
         request, state = self.request, self.state
         admission = state.admit()
+        if state.cancelled.size:  # waiting rows that will never start (a decided self-consistency prompt)
+            self.consistency.cancel(state.cancelled)
+            if request.on_rows_finished is not None:
+                request.on_rows_finished(state.cancelled.copy())
         if admission is None:
             return None
         slots = admission.slots_dev
         self.pipeline.admit(slots, admission.requests_dev, admission.prompt_lens)
         self.stop.admit(slots)
-        if request.do_sample and self.drafting is not None:
+        if request.do_sample and hasattr(self, "seeds"):
             self.seeds[slots] = row_seeds(self.pipeline.base_seed + 1, admission.requests_dev)
             self.offsets[slots] = 0
         if self.thinking is not None:
             self.thinking.admit(slots, admission.slots, admission.input_ids, admission.prompt_lens)
+        if self.consistency is not None:
+            self.consistency.admit(slots, admission.requests)
         scores = None
         if self.compression is not None:
             self.compression.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
             scores = self.compression.prefill_scores(admission.slots, admission.prompt_lens_host)
         self.bounds[admission.slots] = admission.prompt_lens_host
-        logits = self.target.prefill(
-            admission.input_ids, admission.prompt_lens, scores, admission.inputs_embeds,
-            None if (admission.slots == np.arange(len(admission.slots))).all() else slots,
-            admission.prompt_lens_host,
-        )  # fmt: skip
+        logits = self._prefill_target(admission, scores)
         state.forwards += 1
         state.prefills += 1
         if self.drafting is not None:
             self.drafting.prefill(admission)
         emission = self._choose_one(logits, rows=slots, requests=admission.requests_dev)
+        if self.consistency is not None:
+            self.consistency.observe(logits, None, emission.tokens, admitted=True)
         forced_counts = None
         if self.thinking is not None:  # (a thinking budget of 0 forces the first token already)
             _, forced, forced_counts = self.thinking.limits(slots, emission.counts.long())
@@ -160,6 +174,21 @@ class DecodeCall:
             )
         self.rows_stats.first_token(admission.requests)
         return admission, emission, forced_counts
+
+    def _prefill_target(self, admission, scores) -> torch.Tensor:
+        """Logits ``[A, V]`` of the admitted prompts; with ``num_return_sequences = k``, the admitted rows of
+        one prompt share one prefill (its KV copied into their slots: :mod:`.shared_prefill`)."""
+        groups = sharing_groups(admission.requests, self.share)
+        first = admission if groups is None else admission.subset(groups[0])
+        all_leading = (first.slots == np.arange(len(first.slots))).all()
+        logits = self.target.prefill(
+            first.input_ids, first.prompt_lens, scores, first.inputs_embeds,
+            None if all_leading else first.slots_dev, first.prompt_lens_host,
+        )  # fmt: skip
+        if groups is None:
+            return logits
+        return replicate_prefill(self.target.cache, logits, first.slots_dev, admission.slots_dev, groups[1],
+                                 admission.input_ids.shape[1])  # fmt: skip
 
     def join(self, emission: Emission | None, fresh: tuple | None) -> Emission:
         """The step's emission (None: no row ran) followed by the admitted rows' first tokens; they join."""
@@ -183,6 +212,8 @@ class DecodeCall:
         Returns ``(stay bool [R], done)`` (host).
         """
         state, thinking = self.state, self.thinking
+        if emission is None:  # no row ran and none was admitted: the waiting ones were cancelled
+            return np.zeros(0, dtype=bool), True
         probe = emission.probe
         free = probe.free(state.rows.shape[0]) if probe is not None else None  # rows whose runs were verified
         if emission.rewind is not None:  # a confident probe takes its trigger's place
@@ -219,7 +250,10 @@ class DecodeCall:
         leaving = self.stop.after_append(
             state, finished, emitted.shape[1] == 1, emission.scores, self.uniform
         )
-        return self._sync(leaving, counts, triggered, probe)
+        if self.consistency is None:
+            return self._sync(leaving, counts, triggered, probe)
+        leaving = self.consistency.leaving(state, counts, leaving)  # low-confidence rows
+        return self.consistency.after_sync(state, *self._sync(leaving, counts, triggered, probe))
 
     def _thinking_after_append(self, run_counts: torch.Tensor, probe) -> torch.Tensor | None:
         """Thinking spans, budgets and forcing follow the appended runs; int64 ``[R]`` trigger lengths."""
@@ -419,6 +453,8 @@ class DecodeCall:
                 probe, emission.tokens, emission.counts
             )
             emission.probe = probe
+        if self.consistency is not None:
+            self.consistency.observe(logits, plan.q_lens, emission.tokens)
         return emission
 
     def _choose_one(
@@ -482,8 +518,10 @@ class DecodeCall:
         if state.num_rows:  # the rows still running finish with the call
             state.harvest(state.rows_host, state.requests_host)
             self.rows_stats.leave(state.rows_host, state.requests_host)
+        if self.consistency is not None:
+            stats.consistency = self.consistency.finish(state, state.max_new)
         if state.waiting and self.request.on_rows_finished is not None:  # max_time ended the call first
-            self.request.on_rows_finished(np.arange(state.next_request, state.batch_size, dtype=np.int64))
+            self.request.on_rows_finished(state.waiting_requests().astype(np.int64))
         sequences = state.result()
         stats.target_forwards = state.forwards
         stats.new_tokens = state.out_new_tokens.tolist()
