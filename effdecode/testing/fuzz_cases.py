@@ -130,6 +130,8 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
     _draw_kv(rng, decode, mode, lens, room, speculative, skip_known)
     speculation = _draw_speculation(rng, mode, family, vocab) if speculative else None
     checks = _checks(mode, decode, eos, criteria, sampling, speculation, room)
+    sample_seed = rng.randrange(1 << 30)
+    _draw_slots(rng, decode, checks, len(prompts) * gen.get("num_return_sequences", 1), gen, criteria)
     return FuzzCase(
         seed=seed,
         mode=mode,
@@ -142,9 +144,34 @@ def make_case(seed: int, mode: str | None = None, skip_known: bool = KNOWN_FAILU
         criteria=criteria,
         decode=decode,
         speculation=speculation,
-        sample_seed=rng.randrange(1 << 30),
+        sample_seed=sample_seed,
         checks=checks,
     )
+
+
+def _draw_slots(
+    rng: random.Random,
+    decode: dict[str, Any],
+    checks: list[str],
+    rows: int,
+    gen: dict[str, Any],
+    criteria: list[dict[str, Any]],
+) -> None:
+    """Continuous batching (``max_slots``) in about a third of the cases where it is allowed: every check
+    then runs with it, and greedy cases are also compared with the same call without it ("slots").
+
+    Drawn last, so the cases of a seed drawn before it kept everything else."""
+    refused = gen.get("output_scores") or gen.get("output_logits") or (criteria and not gen["eos_token_id"])
+    if refused or rng.random() >= 0.35:
+        return
+    decode["max_slots"] = rng.randint(1, rows)
+    if gen["do_sample"]:  # per-request streams: no longer transformers' batch-wide draws
+        if "hf" in checks:
+            checks.remove("hf")
+        if not checks:
+            checks.append("runs")
+    else:
+        checks.append("slots")
 
 
 def _draw_prompts(rng: random.Random, vocab: int) -> list[list[int]]:
@@ -545,6 +572,9 @@ def run_case(case: FuzzCase) -> tuple[list[Failure], list[str]]:
             k: v for k, v in case.decode.items() if not k.startswith("kv_") and k != "compress_every"
         }
         _compare("no_eviction", ours(False, unbounded), ours(speculate), failures)
+    if "slots" in case.checks:
+        unslotted = {k: v for k, v in case.decode.items() if k != "max_slots"}
+        _compare("slots", ours(speculate, unslotted), ours(speculate), failures)
     if "reproducible" in case.checks:
         _compare("reproducible", ours(speculate), ours(speculate), failures)
     if case.checks == ["runs"]:
