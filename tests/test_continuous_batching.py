@@ -375,3 +375,29 @@ def test_steps_with_admissions_still_copy_to_the_host_once(host_copies):  # noqa
     ids, mask = repetitive_prompts(5, 12, seed=5)
     per_step = _copies_per_step(host_copies, model, ids, mask, decode_config=DecodeConfig(max_slots=2))
     assert per_step == 1.0
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "rkv"])
+def test_prefill_scores_count_only_each_rows_observation_window(policy):
+    """Fuzz finding (case 31000626): a prompt's length was counted twice in the prefill's window test, so one
+    long prompt made every row of the prefill record attention mass outside its observation window, and a
+    row's evictions (and tokens) depended on the rows it was prefilled with."""
+    model = tiny_model("qwen2", torch.float64, seed=31)
+    prompts = [[85] * 9, [91, 12, 31, 91, 12, 31, 91], [57, 93, 64]]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 9 - len(prompt) :] = torch.tensor(prompt)
+        mask[row, 9 - len(prompt) :] = 1
+    config = DecodeConfig(
+        kv_budget=10, kv_window=0, kv_sinks=1, compress_every=5, kv_policy=policy, kv_protect_prompt=False
+    )
+    kwargs = dict(max_new_tokens=25, eos_token_id=None, pad_token_id=0, do_sample=False)
+    together = effdecode.generate(model, ids, attention_mask=mask, decode_config=config, **kwargs)
+    for slots in (1, 2):
+        slotted = dataclasses.replace(config, max_slots=slots)
+        out = effdecode.generate(model, ids, attention_mask=mask, decode_config=slotted, **kwargs)
+        assert torch.equal(out, together), slots
+    for row, prompt in enumerate(prompts):
+        alone = effdecode.generate(model, torch.tensor([prompt]), decode_config=config, **kwargs)
+        assert torch.equal(alone[0, len(prompt) :], together[row, 9:]), row

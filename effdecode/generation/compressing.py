@@ -53,7 +53,17 @@ class Compression:
         return self.compressor.limit
 
     def prefill_scores(self, rows_host: np.ndarray, prompt_lens_host: np.ndarray) -> list | None:
-        return self.compressor.scores_for(rows_host, prompt_lens_host)
+        """Score buffers for the prefill of admitted slots ``rows_host`` (after :meth:`admit`)."""
+        compressor = self.compressor
+        held = compressor.lens[rows_host].copy()
+        # The observation-window test counts the prompt as incoming into an empty row: with the prompt's
+        # length already in ``lens`` (set on admission) a row would look past its window, and every row of the
+        # prefill would record attention mass its window never sees (the output then depended on the batch).
+        compressor.lens[rows_host] = 0
+        try:
+            return compressor.scores_for(rows_host, prompt_lens_host)
+        finally:
+            compressor.lens[rows_host] = held
 
     def room(self, rows: torch.Tensor) -> torch.Tensor:
         """int ``[R]``: entries slots ``rows`` (int64) may still gain before their KV limit."""
