@@ -190,9 +190,9 @@ def test_patched_generate_batch_maps_transformers_arguments_with_one_warning(mon
 
 
 def test_default_transformers_arguments_give_no_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        effdecode.generate_batch(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = effdecode.generate_batch(
             _model(),
             PROMPTS[:2],
             max_new_tokens=2,
@@ -201,6 +201,9 @@ def test_default_transformers_arguments_give_no_warning():
             persistent_manager=False,
             warmup=True,
         )
+    assert [str(w.message) for w in caught if "effdecode" in str(w.message)] == []
+    assert sorted(outputs) == ["req_0", "req_1"]
+    assert all(len(out.generated_tokens) == 2 for out in outputs.values())
 
 
 def test_patch_routes_generate_batch_and_unpatch_restores_it_exactly():

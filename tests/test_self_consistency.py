@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_loop import host_copies  # noqa: F401, F811 (a fixture)
 from test_speculative import drafter_kwargs, repetitive_prompts
 
 import effdecode
@@ -348,18 +349,8 @@ def test_policies_compose(request, model, policy, composition):
     assert sum(v.tokens_spent for v in votes) == sum(min(n, 30) for n in early.stats.new_tokens)
 
 
-def test_a_step_without_finished_rows_copies_to_the_host_once(monkeypatch):
-    from test_loop import HOST_COPIES
-
-    counter = {"n": 0}
-    for name in HOST_COPIES:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, **kwargs):
-            counter["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
+def test_a_step_without_finished_rows_copies_to_the_host_once(host_copies):  # noqa: F811
+    counter = host_copies
     model = tiny_model("llama", torch.float64, seed=3)
     ids, mask = repetitive_prompts(2, 12, seed=5)
     counts = []
