@@ -37,7 +37,8 @@ def naive_slot_attention(query, key, value, k_cache, v_cache, rows, cache_lens, 
 @pytest.mark.parametrize("num_cols", [1, 4])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("q_full", [False, True])
-def test_reference_matches_naive_loop(group, num_cols, window, q_full, fresh_seed):
+@pytest.mark.parametrize("span", [0, 6])
+def test_reference_matches_naive_loop(group, num_cols, window, q_full, span, fresh_seed):
     slots, kv_heads, capacity, head_dim = 6, 2, 24, 8
     batch = 4
     rows = torch.randperm(slots)[:batch].to(torch.int32)
@@ -57,7 +58,8 @@ def test_reference_matches_naive_loop(group, num_cols, window, q_full, fresh_see
         query, key, value, k_cache, v_cache, rows, cache_lens, q_lens, scale, window
     )
     bound = int((cache_lens[rows.long()] + q_lens).max()) + 2  # a loose bound is allowed
-    meta = SlotBatch(rows, cache_lens.clone(), q_lens, kv_len_bound=bound, q_full=q_full)
+    # span 6: the rows (4 of 6 slots) read through a view of the leading slots instead of a gather
+    meta = SlotBatch(rows, cache_lens.clone(), q_lens, kv_len_bound=bound, q_full=q_full, slot_span=span)
     actual = slot_attention_reference(query, key, value, k_cache, v_cache, meta, scale, window)
     valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
     torch.testing.assert_close(actual[valid], expected[valid])
@@ -86,3 +88,39 @@ def test_leading_slot_rows_use_the_same_math():
         outputs.append((slot_attention_reference(query, key, value, k, v, meta, 0.3), k, v))
     for first, second in zip(*outputs, strict=True):
         torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "window", "softcap", "sinks"])
+@pytest.mark.parametrize("num_cols", [1, 3])
+def test_slot_span_view_gives_the_gathers_outputs_and_scores(variant, num_cols, fresh_seed):
+    """Reading the leading slots through a view (rows scattered into them, in any order, some slots unused)
+    gives what gathering the rows gives: outputs, cache writes and attention scores."""
+    slots, kv_heads, capacity, head_dim, batch = 7, 2, 20, 8, 5
+    rows = torch.randperm(slots)[:batch].to(torch.int32)
+    span = int(rows.max()) + 1
+    cache_lens = torch.randint(0, 14, (slots,), dtype=torch.int32)
+    q_lens = torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32)
+    query = torch.randn(batch, kv_heads * 2, num_cols, head_dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    k_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    v_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    extra = {
+        "plain": {},
+        "window": {"sliding_window": 4},
+        "softcap": {"softcap": 2.0},
+        "sinks": {"sinks": torch.randn(kv_heads * 2, dtype=torch.float64)},
+    }[variant]
+    bound = int((cache_lens[rows.long()] + q_lens).max())
+    results = []
+    for slot_span in (0, span):
+        k, v = k_cache.clone(), v_cache.clone()
+        scores = torch.zeros(slots, kv_heads, capacity, dtype=torch.float32)
+        meta = SlotBatch(rows, cache_lens, q_lens, kv_len_bound=bound, slot_span=slot_span)
+        out = slot_attention_reference(query, key, value, k, v, meta, 0.35, scores_out=scores, **extra)
+        results.append((out, k, v, scores))
+    valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
+    gathered, viewed = results
+    torch.testing.assert_close(viewed[0][valid], gathered[0][valid])
+    for first, second in zip(gathered[1:], viewed[1:], strict=True):
+        torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -173,7 +173,7 @@ class NgramDrafter:
     def prefill(self, admission) -> None:
         pass
 
-    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
+    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose, slot_span=0):
         drafts, found = ngram_propose(
             history, history_lens, rows, self.plan.max_ngram, self.plan.min_ngram, max_draft, self.backend
         )
@@ -243,13 +243,14 @@ class ModelDrafter:
         )  # fmt: skip
         self.forwards += 1
 
-    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose):
+    def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose, slot_span=0):
         """Draft ``max_draft`` tokens for every row in ``rows``; row ``b`` offers the first ``draft_lens[b]``.
 
         The first forward feeds the tokens the draft cache lacks (one; two after a step whose drafts were
         all accepted; more after the row paused drafting), right-aligned; then one token per forward. With
         eviction, rows are compacted before a forward that would take them past the KV limit, and the first
-        forward may feed only the most recent of the lacking tokens (see :meth:`_make_room`).
+        forward may feed only the most recent of the lacking tokens (see :meth:`_make_room`). ``slot_span``:
+        host bound of ``rows`` (see :class:`~effdecode.ops.slot_batch.SlotBatch`; 0 unknown).
         Returns drafts int64 ``[B, max_draft]``, their lengths, and the draft's distributions
         ``[B, max_draft, V]`` when sampling (None for greedy).
         """
@@ -267,7 +268,9 @@ class ModelDrafter:
         index = total[:, None] - width + columns[None, :]  # history index == RoPE position
         valid = columns[None, :] >= (width - feed)[:, None]
         input_ids = history[rows_long[:, None], index.clamp(min=0)].masked_fill(~valid, 0)
-        batch = SlotBatch(rows, cache.cache_lens, feed, kv_len_bound=kv_bound, backend=self.backend)
+        batch = SlotBatch(
+            rows, cache.cache_lens, feed, kv_len_bound=kv_bound, backend=self.backend, slot_span=slot_span
+        )
         drafts = torch.empty(rows.shape[0], max_draft, dtype=torch.long, device=rows.device)
         probs = []
         ones = torch.ones_like(pending)
@@ -295,6 +298,7 @@ class ModelDrafter:
                 kv_len_bound=bound,
                 backend=self.backend,
                 q_full=True,
+                slot_span=slot_span,
             )
             logits = forward_logits(self.model, cache, batch, token[:, None], (total + i)[:, None])
             cache.cache_lens.index_add_(0, rows_long, ones)
@@ -367,11 +371,13 @@ class ModelDrafter:
         self.fed[rows] = torch.minimum(fed, kept_lens.long())
 
 
-def propose_for_some(drafter, rows, drafting, max_draft, wanted, history, history_lens, bound, choose):
+def propose_for_some(
+    drafter, rows, drafting, max_draft, wanted, history, history_lens, bound, choose, slot_span=0
+):
     """Drafts of the rows at indices ``drafting`` (host) only, scattered into ``[B, ...]`` (0 elsewhere)."""
     index = torch.as_tensor(drafting, device=rows.device)
     drafts, lens, probs = drafter.propose(
-        rows[index], max_draft, wanted[index], history, history_lens, bound, choose
+        rows[index], max_draft, wanted[index], history, history_lens, bound, choose, slot_span
     )
     all_drafts = drafts.new_zeros(rows.shape[0], drafts.shape[1]).index_copy_(0, index, drafts)
     all_lens = lens.new_zeros(rows.shape[0]).index_copy_(0, index, lens)

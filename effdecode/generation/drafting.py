@@ -131,10 +131,10 @@ class Drafting:
             # Only drafting rows run the draft model; paused rows catch up when they draft again.
             return propose_for_some(
                 self.drafter, state.rows, np.flatnonzero(wanted_host), max_draft, wanted, history,
-                history_lens, kv_bound + 2, choose,
+                history_lens, kv_bound + 2, choose, state.slot_span,
             )  # fmt: skip
         return self.drafter.propose(
-            state.rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose
+            state.rows, max_draft, wanted, history, history_lens, kv_bound + 2, choose, state.slot_span
         )
 
     def after_sync(self, tokens: int, rows: int) -> None:

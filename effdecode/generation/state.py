@@ -151,6 +151,7 @@ class DecodeState:
         self.requests_long = self.rows_long  # request row of each active row (device / host)
         self.requests_host = self.rows_host
         self.leading = True  # rows == arange(R): the attention op may skip the gather
+        self.slot_span = 0  # host: every active row's slot is below it (the attention op may read a view)
         self.request_of = np.full(slots, -1, dtype=np.int64)  # request row held by each slot
         self.request_of_dev = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.order = np.arange(self.batch_size)  # admission order of the requests
@@ -243,6 +244,7 @@ class DecodeState:
         self.rows = self.rows_long.to(torch.int32)
         self.requests_long = torch.as_tensor(self.requests_host, device=device)
         self.leading = bool((self.rows_host == np.arange(len(self.rows_host))).all())
+        self.slot_span = int(self.rows_host.max()) + 1 if len(self.rows_host) else 0
 
     @property
     def num_rows(self) -> int:

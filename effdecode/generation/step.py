@@ -417,7 +417,7 @@ class DecodeCall:
         )
         logits = self.target.forward(
             state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound, state.leading,
-            plan.scores, plan.last_only, self.choose_in_graph,
+            plan.scores, plan.last_only, self.choose_in_graph, state.slot_span,
         )  # fmt: skip
         plan.chosen = self.target.chosen
         state.forwards += 1

@@ -65,6 +65,7 @@ class TargetModel:
         scores: list | None = None,
         last_only: bool = True,
         choose: bool = False,
+        slot_span: int = 0,
     ) -> torch.Tensor:
         """Logits of one step: the last column's ``[R, V]`` (``last_only``), else all columns' ``[R, T, V]``.
 
@@ -80,6 +81,8 @@ class TargetModel:
             Host bound of the rows' cache lengths after the forward.
         leading : bool
             ``rows`` is ``arange(R)`` (lets the attention op skip the gather).
+        slot_span : int
+            Host bound of ``rows`` (0: unknown); see :class:`~effdecode.ops.slot_batch.SlotBatch`.
         scores : list of torch.Tensor, optional
             Attention-score buffers of the eviction policy (such forwards run eagerly).
         choose : bool
@@ -108,6 +111,7 @@ class TargetModel:
             backend=self.backend,
             rows_are_leading_slots=leading,
             q_full=num_cols == 1,
+            slot_span=slot_span,
         )
         return forward_logits(self.model, cache, batch, input_ids, positions, last_only, scores)
 

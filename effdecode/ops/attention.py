@@ -309,31 +309,78 @@ def slot_attention_reference(
     v_cache[slots, :, cache_index] = new_values
 
     bound = min(batch.kv_len_bound, k_cache.shape[2])  # a loose bound may pass the capacity
+    span = _attended_span(batch, query.shape[0])
     if batch.rows_are_leading_slots:
         keys = k_cache[: query.shape[0], :, :bound]
         values = v_cache[: query.shape[0], :, :bound]
+        mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        out = _attend(query, keys, values, mask, scale, softcap, sinks)
+    elif span:  # the leading slots as a view, the rows' queries scattered into them: no gather of keys
+        rows = batch.rows.long()
+        keys, values = k_cache[:span, :, :bound], v_cache[:span, :, :bound]
+        spread = query.new_zeros((span, *query.shape[1:])).index_copy_(0, rows, query)
+        span_mask = _span_mask(batch, num_cols, sliding_window, bound, span)
+        out = _attend(spread, keys, values, span_mask, scale, softcap, sinks).index_select(0, rows)
+        if scores_out is not None:
+            keys = keys.index_select(0, rows)
+            mask = _attention_mask(batch, num_cols, sliding_window, bound)
     else:
         keys = k_cache[:, :, :bound].index_select(0, batch.rows)
         values = v_cache[:, :, :bound].index_select(0, batch.rows)
-    mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        out = _attend(query, keys, values, mask, scale, softcap, sinks)
+    if scores_out is not None:
+        # Separate from the output's computation so that the output is the same with or without scores.
+        keys = keys.to(query.dtype)
+        _accumulate_scores(query, keys, mask, batch, scale, scores_out, softcap=softcap, sinks=sinks)
+    return out.transpose(1, 2)
+
+
+def _attended_span(batch: SlotBatch, num_rows: int) -> int:
+    """How many leading slots the torch path attends over instead of gathering the rows (0: gather).
+
+    Gathering copies the rows' keys and values in every layer (about twice the traffic of reading them);
+    attending over a view of the leading slots reads ``slot_span / rows`` times what the rows need. Above two
+    the gather is cheaper.
+    """
+    span = batch.slot_span
+    return span if 0 < span <= 2 * num_rows and not batch.rows_are_leading_slots else 0
+
+
+def _span_mask(
+    batch: SlotBatch, num_cols: int, sliding_window: int | None, bound: int, span: int
+) -> torch.Tensor:
+    """Boolean ``[span, 1, T, bound]``: the rows' masks at their slots; other slots see key 0 only, so their
+    (discarded) softmax stays finite."""
+    key = ("span_mask", num_cols, sliding_window, bound, span)
+    if key not in batch.derived:
+        mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        spread = torch.zeros((span, *mask.shape[1:]), dtype=torch.bool, device=mask.device)
+        spread[..., 0] = True
+        batch.derived[key] = spread.index_copy_(0, batch.rows.long(), mask)
+    return batch.derived[key]
+
+
+def _attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[B, q_heads, T, D]`` attention of ``query`` over ``keys``/``values`` ``[B, kv_heads, L, D]`` where
+    ``mask`` (boolean ``[B, 1, T, L]``) allows."""
     if keys.dtype != query.dtype:
         keys, values = keys.to(query.dtype), values.to(query.dtype)
     if softcap is None and sinks is None:
-        out = F.scaled_dot_product_attention(
-            query,
-            keys,
-            values,
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=query.shape[1] != keys.shape[1],
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=query.shape[1] != keys.shape[1]
         )
-    else:  # SDPA has neither: spell the softmax out
-        weights = _attention_weights(query, keys, mask, scale, softcap, sinks)  # [B, kv_heads, group, T, L]
-        out = torch.einsum("bkgtn,bknd->bkgtd", weights, values).flatten(1, 2)
-    if scores_out is not None:
-        # Separate from the output's computation so that the output is the same with or without scores.
-        _accumulate_scores(query, keys, mask, batch, scale, scores_out, softcap=softcap, sinks=sinks)
-    return out.transpose(1, 2)
+    # SDPA has neither: spell the softmax out
+    weights = _attention_weights(query, keys, mask, scale, softcap, sinks)  # [B, kv_heads, group, T, L]
+    return torch.einsum("bkgtn,bknd->bkgtd", weights, values).flatten(1, 2)
 
 
 def slot_attention(

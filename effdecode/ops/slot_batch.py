@@ -33,6 +33,10 @@ class SlotBatch:
     q_full : bool
         Host-side fact: every ``q_lens[b] == T`` (decode steps, unpadded prefill). Lets the torch path
         write without locating valid tokens.
+    slot_span : int
+        Host-side bound: every row's slot is below it (0: unknown). When the rows fill most of the leading
+        ``slot_span`` slots (continuous batching refills freed slots, in any order), the torch path attends
+        over that view of the cache instead of gathering the rows' keys and values every layer.
     """
 
     rows: torch.Tensor
@@ -42,5 +46,6 @@ class SlotBatch:
     backend: str = "auto"
     rows_are_leading_slots: bool = False
     q_full: bool = False
+    slot_span: int = 0
     # Derived tensors shared by all layers of the step (write indices, masks); filled on first use.
     derived: dict = field(default_factory=dict)
