@@ -1,8 +1,9 @@
 """The ``progress_bar=True`` bar of :func:`effdecode.generate_batch`: requests done and tokens/s.
 
 The engine calls :meth:`ProgressBar.rows_finished` with the request rows that just finished
-(``GenerationRequest.on_rows_finished``); the bar counts them. Tokens/s covers the finished requests' tokens
-when the engine reports them (``new_tokens``), and the whole call's once it returns (:meth:`finish`).
+and their new-token counts (``GenerationRequest.on_rows_finished``); the bar counts them. While the call
+runs, tokens/s counts the finished requests' tokens (as vLLM's bar does); once it returns, the whole call's
+(:meth:`finish`).
 """
 
 from __future__ import annotations

@@ -170,11 +170,16 @@ def test_admitted_rows_are_prefilled_together_in_one_forward(model, monkeypatch)
 def test_stats_and_finished_callback(model, prompts, monkeypatch):
     ids, mask = prompts
     finished: list[np.ndarray] = []
+    counts: dict[int, int] = {}
     original = api.build_request
+
+    def heard(rows: np.ndarray, new_tokens: np.ndarray) -> None:
+        finished.append(rows.copy())
+        counts.update(zip(rows.tolist(), new_tokens.tolist(), strict=True))
 
     def with_callback(*args, **kwargs):
         request = original(*args, **kwargs)
-        return dataclasses.replace(request, on_rows_finished=lambda rows: finished.append(rows.copy()))
+        return dataclasses.replace(request, on_rows_finished=heard)
 
     monkeypatch.setattr(api, "build_request", with_callback)
     stats = _generate(model, ids, mask, DecodeConfig(), 2).stats
@@ -182,6 +187,7 @@ def test_stats_and_finished_callback(model, prompts, monkeypatch):
     order = np.concatenate(finished)
     assert sorted(order.tolist()) == list(range(ROWS))  # each row once
     assert all(batch.dtype == np.int64 for batch in finished)
+    assert [counts[row] for row in range(ROWS)] == stats.new_tokens  # each row's count as it left
     first, done = np.array(stats.first_token_s), np.array(stats.finish_s)
     assert len(first) == len(done) == ROWS
     assert (first > 0).all() and (first <= done).all()

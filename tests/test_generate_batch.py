@@ -367,16 +367,19 @@ def test_progress_bar_counts_requests_and_shows_tokens_per_s(capsys):
 
 
 def test_progress_bar_is_driven_by_finished_rows(monkeypatch):
-    counted = []
+    counted, tokens = [], {}
     real = batch_api.ProgressBar.rows_finished
 
-    def spy(self, rows, *args):
+    def spy(self, rows, new_tokens):
         counted.extend(int(row) for row in rows)
-        return real(self, rows, *args)
+        tokens.update(zip(rows.tolist(), new_tokens.tolist(), strict=True))
+        return real(self, rows, new_tokens)
 
     monkeypatch.setattr(batch_api.ProgressBar, "rows_finished", spy)
-    effdecode.generate_batch(_model(), PROMPTS, max_new_tokens=NEW, decode_config={"max_slots": 2})
+    outputs = effdecode.generate_batch(_model(), PROMPTS, max_new_tokens=NEW, decode_config={"max_slots": 2})
     assert sorted(counted) == list(range(len(PROMPTS)))
+    # the live tokens/s counts each request's tokens as it finishes
+    assert [tokens[i] for i in range(len(PROMPTS))] == [o.stats.new_tokens for o in outputs.values()]
 
 
 def test_config_field_names_match_transformers():

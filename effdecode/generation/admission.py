@@ -68,8 +68,9 @@ class RowStats:
             lens = call.target.cache.cache_lens.index_select(0, slots_dev)
             self.kv_peak = torch.maximum(self.kv_peak, lens.max())
         callback = call.request.on_rows_finished
-        if callback is not None:
-            callback(requests.astype(np.int64))
+        if callback is not None:  # (harvested already: the requests' rows hold their counts)
+            new_tokens = call.state.out_new_tokens.index_select(0, requests_dev).clamp(max=call.state.max_new)
+            callback(requests.astype(np.int64), new_tokens.cpu().numpy())
 
     def fill(self, stats) -> None:
         """Put the per-request lists into ``stats`` (a :class:`~effdecode.stats.GenerationStats`)."""

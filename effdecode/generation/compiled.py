@@ -163,19 +163,33 @@ class StaticStepContext:
         # recompute the query's RoPE once per key.
         rows = self.rows.long()
         group = q_heads // kv_heads
-        # Only the step's KV bucket: the first kv_len entries (every key a live row may see).
-        keys = k_cache[:, :, :kv_len].index_select(0, rows).to(query.dtype)  # [B, kv_heads, kv_len, D]
-        values = v_cache[:, :, :kv_len].index_select(0, rows).to(query.dtype)
         q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
+        mask = self._mask(num_cols, kv_len, sliding_window)
+        # Only the step's KV bucket: the first kv_len entries (every key a live row may see).
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        spread = 0 < k_cache.shape[0] <= 2 * batch  # the rows fill most slots (continuous batching)
+        if spread:  # every slot through a view, the rows' queries scattered into theirs: no gather
+            q = q.new_zeros((k_cache.shape[0], *q.shape[1:])).index_copy(0, rows, q)
+            unused = torch.zeros_like(mask[:1]).expand(k_cache.shape[0], *mask.shape[1:]).clone()
+            unused[..., 0] = True  # slots without a row see key 0 only (finite, discarded)
+            mask = unused.index_copy(0, rows, mask)
+        else:
+            keys, values = (
+                keys.index_select(0, rows),
+                values.index_select(0, rows),
+            )  # [B, kv_heads, kv_len, D]
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
         logits = torch.matmul(q, keys.transpose(-1, -2)).unflatten(2, (group, num_cols)) * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.masked_fill(~self._mask(num_cols, kv_len, sliding_window), _NEG_INF)
+        logits = logits.masked_fill(~mask, _NEG_INF)
         if sinks is not None:  # [B, kv_heads, group, T, kv_len + 1], the sink column dropped after softmax
             sink = sinks.to(logits.dtype).view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
             logits = torch.cat([logits, sink], dim=-1)
         weights = torch.softmax(logits, dim=-1)[..., :kv_len]
         out = torch.matmul(weights.flatten(2, 3), values).unflatten(2, (group, num_cols))
+        if spread:
+            out = out.index_select(0, rows)
         return out.flatten(1, 2).transpose(1, 2)  # [B, T, q_heads, D]
 
 

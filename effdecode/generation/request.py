@@ -146,8 +146,9 @@ class GenerationRequest:
     inputs_embeds: torch.Tensor | None = None  # [B, T0, H]: fed to the prefill instead of the ids' embeddings
     embeds_only: bool = False  # no input_ids given: input_ids are placeholders; return only the new tokens
     # Called from the host with the int64 request-row indices that just finished (each row once, in the step
-    # it leaves; rows still running at the end too, and rows max_time left waiting). No device-to-host copy.
-    on_rows_finished: Callable[[np.ndarray], None] | None = None
+    # it leaves; rows still running at the end too, and rows max_time left waiting or a decided prompt never
+    # started) and their int64 new-token counts: one small device-to-host copy in a step where rows leave.
+    on_rows_finished: Callable[[np.ndarray, np.ndarray], None] | None = None
     num_return_sequences: int = 1  # rows per prompt (consecutive in input_ids)
     tokenizer: Any = None  # generate's ``tokenizer=`` (stop strings, thinking markers, answers)
 

@@ -140,7 +140,7 @@ class DecodeCall:
         if state.cancelled.size:  # waiting rows that will never start (a decided self-consistency prompt)
             self.consistency.cancel(state.cancelled)
             if request.on_rows_finished is not None:
-                request.on_rows_finished(state.cancelled.copy())
+                request.on_rows_finished(state.cancelled.copy(), np.zeros(len(state.cancelled), np.int64))
         if admission is None:
             return None
         slots = admission.slots_dev
@@ -521,7 +521,8 @@ class DecodeCall:
         if self.consistency is not None:
             stats.consistency = self.consistency.finish(state, state.max_new)
         if state.waiting and self.request.on_rows_finished is not None:  # max_time ended the call first
-            self.request.on_rows_finished(state.waiting_requests().astype(np.int64))
+            waiting = state.waiting_requests().astype(np.int64)
+            self.request.on_rows_finished(waiting, np.zeros(len(waiting), np.int64))
         sequences = state.result()
         stats.target_forwards = state.forwards
         stats.new_tokens = state.out_new_tokens.tolist()
