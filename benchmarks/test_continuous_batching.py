@@ -112,11 +112,12 @@ def effdecode_batch(work: Workload, config: DecodeConfig, **kwargs) -> Run:
     )
     stats = next(iter(outputs.values())).call_stats
     seconds = time.perf_counter() - started - stats.compile_time_s  # compiling is not decoding
-    return Run([o.generated_tokens for o in outputs.values()], seconds, stats.slots, _draft_info(stats))
+    extra = dict(_draft_info(stats), target_forwards=stats.target_forwards)
+    return Run([o.generated_tokens for o in outputs.values()], seconds, stats.slots, extra)
 
 
 def effdecode_static(work: Workload, config: DecodeConfig, **kwargs) -> Run:
-    tokens, seconds, proposed, accepted = [], 0.0, 0, 0
+    tokens, seconds, proposed, accepted, forwards = [], 0.0, 0, 0, 0
     for chunk in _chunks(work):
         input_ids, mask = left_pad(chunk, work.tokenizer.pad_token_id)
         started = time.perf_counter()
@@ -135,7 +136,9 @@ def effdecode_static(work: Workload, config: DecodeConfig, **kwargs) -> Run:
         tokens += [out.sequences[r, width : width + n].tolist() for r, n in enumerate(out.stats.new_tokens)]
         proposed += sum(out.stats.proposed_draft_tokens)
         accepted += sum(out.stats.accepted_draft_tokens)
-    return Run(tokens, seconds, work.width, {"draft_acceptance_rate": accepted / proposed if proposed else 0})
+        forwards += out.stats.target_forwards
+    extra = {"draft_acceptance_rate": accepted / proposed if proposed else 0, "target_forwards": forwards}
+    return Run(tokens, seconds, work.width, extra)
 
 
 def hf_batch(work: Workload) -> Run:
@@ -204,6 +207,43 @@ def engines(work: Workload) -> dict[str, Callable[[], Run]]:
 COMPILED = ("effdecode-batch-compiled", "effdecode-static-compiled")
 
 
+def step_costs(work: Workload, widths=(1, 2, 4, 8, 16, 32), steps: int = 100) -> dict:
+    """Seconds per decode step of ``effdecode.generate`` at each width (best of 3; prompts of the workload's
+    median length, no EOS), and the least-squares fit ``seconds = fixed + per_row * width``.
+
+    On a CPU a step's cost grows with its rows (``per_row``), which bounds what refilling slots can gain: the
+    same row-steps are done either way, only the ``fixed`` part is paid fewer times.
+    """
+    length = sorted(len(p) for p in work.prompts)[len(work.prompts) // 2]
+    pool = [p[-length:] for p in work.prompts if len(p) >= length]
+    costs = {}
+    for width in widths:
+        ids = torch.tensor([pool[i % len(pool)] for i in range(width)])
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            effdecode.generate(
+                work.model, ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                pad_token_id=work.tokenizer.pad_token_id, eos_token_id=None,
+            )  # fmt: skip
+            best = min(best, (time.perf_counter() - started) / (steps + 1))
+        costs[width] = best
+    x = torch.tensor(list(costs), dtype=torch.float64)
+    y = torch.tensor(list(costs.values()), dtype=torch.float64)
+    per_row = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    fixed = float(y.mean() - per_row * x.mean())
+    return {"seconds_per_step": costs, "fixed_s": fixed, "per_row_s": per_row}
+
+
+def refill_ceiling(costs: dict, batch: Run, static: Run) -> float:
+    """Most ``batch`` can gain over ``static`` under the step-cost fit: both do the same row-steps; ``batch``
+    pays the fixed part for its forwards (its prefills counted as steps), ``static`` for its own."""
+    tokens = sum(len(t) for t in static.tokens)
+    fixed, per_row = costs["fixed_s"], costs["per_row_s"]
+    cost = lambda run: run.extra["target_forwards"] * fixed + tokens * per_row  # noqa: E731
+    return cost(static) / cost(batch)
+
+
 def accuracy(work: Workload, run: Run) -> float:
     decode = work.tokenizer.decode
     texts = [decode(t, skip_special_tokens=True) for t in run.tokens]
@@ -260,6 +300,11 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="also the compiled engines (minutes to compile)"
     )
+    parser.add_argument(
+        "--step-costs",
+        action="store_true",
+        help="also time a step per width and bound what refilling can gain",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -298,6 +343,11 @@ def main() -> None:
         },
         "ratios": _ratios(runs),
     }
+    if args.step_costs:
+        costs = step_costs(work)
+        report["step_costs"] = costs
+        if "effdecode-batch" in runs and reference is not None:
+            report["refill_ceiling"] = refill_ceiling(costs, runs["effdecode-batch"], reference)
     text = json.dumps(report, indent=2)
     print(text)
     date = datetime.date.today().isoformat()
