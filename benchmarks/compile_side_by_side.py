@@ -4,8 +4,11 @@ Two workloads:
 
 - ``tiny``: the random 4-layer hidden-128 Qwen2 of ``benchmarks/test_e2e_compile.py``, ragged prompts up to 64
   tokens, 128 new tokens, greedy, batch 1 and 8;
-- ``reasoner``: the shipped reasoner on held-out eval problems (as ``effdecode eval``: greedy, EOS ends a row,
-  ``--n`` problems in batches of ``--batch-size``, ``--max-new-tokens``).
+- ``reasoner``: the shipped reasoner on held-out eval problems (greedy, EOS ends a row, ``--n`` problems in
+  batches of ``--batch-size``, ``--max-new-tokens``), every engine on the same static batches;
+- ``eval``: what ``effdecode eval --slots <batch-size> [--compile]`` runs, ``effdecode.generate_batch`` over
+  all ``--n`` problems with ``--batch-size`` slots (a finished problem's slot is refilled), against
+  transformers' ``generate`` in static batches of ``--batch-size`` on the same problems.
 
 Each round runs every engine once on the same inputs (so a busy machine's drift hits them alike); figures
 are the median over rounds of tokens/s (new tokens up to and including EOS, over the call's wall time,
@@ -131,9 +134,83 @@ def reasoner(rounds: int, n: int, batch_size: int, max_new_tokens: int) -> list[
     return [out]
 
 
+def _reasoner_prompts(n: int):
+    from effdecode.workloads.models import load_reasoner
+    from effdecode.workloads.problems import generate_problems
+
+    model, tokenizer = load_reasoner("target")
+    problems = generate_problems(n, seed=0, split="test")
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    return model, tokenizer, prompts
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+def eval_workload(rounds: int, n: int, slots: int, max_new_tokens: int) -> list[dict]:
+    """``effdecode eval``'s engine (``generate_batch``, ``slots`` slots; eager and compiled) against HF
+    ``generate`` in static batches of ``slots``, interleaved rounds; every engine's tokens must agree."""
+    from effdecode.batch_api import left_pad
+
+    model, tokenizer, prompts = _reasoner_prompts(n)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def hf() -> tuple[list, float]:
+        tokens, seconds = [], 0.0
+        for start in range(0, n, slots):
+            input_ids, mask = left_pad(prompts[start : start + slots], tokenizer.pad_token_id)
+            started = time.perf_counter()
+            out = model.generate(
+                input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **ids
+            )
+            seconds += time.perf_counter() - started
+            rows = out[:, input_ids.shape[1] :].tolist()
+            tokens += [_until_eos(row, tokenizer.eos_token_id) for row in rows]
+        return tokens, seconds
+
+    def batch(compile: bool):
+        def call() -> tuple[list, float]:
+            config = DecodeConfig(max_slots=slots, compile=compile)
+            started = time.perf_counter()
+            outputs = effdecode.generate_batch(
+                model, prompts, decode_config=config, max_new_tokens=max_new_tokens, **ids
+            )
+            compile_s = next(iter(outputs.values())).call_stats.compile_time_s
+            return [o.generated_tokens for o in outputs.values()], time.perf_counter() - started - compile_s
+
+        return call
+
+    calls = {"hf": hf, "effdecode": batch(False), "effdecode_compiled": batch(True)}
+    reference = None
+    for engine, call in calls.items():  # warm-up (compiles), and the engines must agree
+        tokens, _ = call()
+        if reference is not None and tokens != reference:
+            raise AssertionError(f"{engine} disagrees with hf")
+        reference = reference or tokens
+    total = sum(len(t) for t in reference)
+    rates = {engine: [] for engine in calls}
+    for _ in range(rounds):
+        for engine, call in calls.items():
+            rates[engine].append(total / call()[1])
+    median = {engine: statistics.median(values) for engine, values in rates.items()}
+    out = dict(
+        workload="effdecode eval (generate_batch) vs HF generate in static batches",
+        n=n, slots=slots, max_new_tokens=max_new_tokens, new_tokens=total, rounds=rounds,
+        tokens_per_s_median=median, tokens_per_s_rounds=rates,
+        compiled_over_hf=median["effdecode_compiled"] / median["hf"],
+        compiled_over_eager=median["effdecode_compiled"] / median["effdecode"],
+        eager_over_hf=median["effdecode"] / median["hf"],
+    )  # fmt: skip
+    print(json.dumps({k: v for k, v in out.items() if k != "tokens_per_s_rounds"}), flush=True)
+    return [out]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", nargs="+", choices=["tiny", "reasoner"], default=["tiny", "reasoner"])
+    parser.add_argument(
+        "--workload", nargs="+", choices=["tiny", "reasoner", "eval"], default=["tiny", "reasoner", "eval"]
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n", type=int, default=48)
@@ -148,6 +225,8 @@ def main() -> None:
         results += tiny(args.rounds)
     if "reasoner" in args.workload:
         results += reasoner(args.rounds, args.n, args.batch_size, args.max_new_tokens)
+    if "eval" in args.workload:
+        results += eval_workload(args.rounds, args.n, args.batch_size, args.max_new_tokens)
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
