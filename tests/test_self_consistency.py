@@ -22,6 +22,7 @@ from effdecode.consistency import (
     vote,
     weighted_vote,
 )
+from effdecode.generation import drafters as drafters_module
 from effdecode.generation import shared_prefill
 from effdecode.generation import step as step_module
 from effdecode.generation.steps import prefill
@@ -208,25 +209,32 @@ def test_sharing_groups_only_where_rows_share_a_prompt():
 def test_shared_prefill_keeps_the_seeded_samples(model, monkeypatch, drafter):
     ids, mask = repetitive_prompts(2, 8, seed=3)
     kwargs = drafter_kwargs(drafter, model) if drafter else {}
-    prefill_rows = []
-    original = step_module.TargetModel.prefill
+    prefill_rows, draft_prefill_rows = [], []
+    original, original_draft = step_module.TargetModel.prefill, drafters_module.prefill
 
     def counting(self, input_ids, *args, **kw):
         prefill_rows.append(input_ids.shape[0])
         return original(self, input_ids, *args, **kw)
 
+    def counting_draft(model, cache, input_ids, *args, **kw):
+        draft_prefill_rows.append(input_ids.shape[0])
+        return original_draft(model, cache, input_ids, *args, **kw)
+
     monkeypatch.setattr(step_module.TargetModel, "prefill", counting)
+    monkeypatch.setattr(drafters_module, "prefill", counting_draft)
     torch.manual_seed(5)
     shared = effdecode.generate(
         model, ids, attention_mask=mask, do_sample=True, max_new_tokens=12, num_return_sequences=3, **kwargs
     )
     assert prefill_rows == [2]  # two prompts, six rows
+    assert draft_prefill_rows == ([2] if drafter == "draft" else [])  # the draft model's cache too
     monkeypatch.setattr(step_module, "sharing_groups", lambda requests, k: None)
     torch.manual_seed(5)
     separate = effdecode.generate(
         model, ids, attention_mask=mask, do_sample=True, max_new_tokens=12, num_return_sequences=3, **kwargs
     )
     assert prefill_rows == [2, 6]
+    assert draft_prefill_rows == ([2, 6] if drafter == "draft" else [])
     assert torch.equal(shared, separate)
 
 

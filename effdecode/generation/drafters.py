@@ -20,6 +20,7 @@ from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.compression.kv_compressor import KVCompressor
 from effdecode.config import DecodeConfig
 from effdecode.generation.request import SpeculationPlan
+from effdecode.generation.shared_prefill import replicate_slots
 from effdecode.generation.steps import forward_logits, prefill
 from effdecode.ops.attention import SlotBatch
 from effdecode.ops.ngram import ngram_propose
@@ -170,7 +171,7 @@ class NgramDrafter:
         self.plan = plan
         self.backend = backend
 
-    def prefill(self, admission) -> None:
+    def prefill(self, admission, groups=None) -> None:
         pass
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose, slot_span=0):
@@ -232,15 +233,20 @@ class ModelDrafter:
         """Bytes of the draft cache and of its compressor's side buffers (counted in ``kv_peak_bytes``)."""
         return self.cache.nbytes + (self.compressor.nbytes if self.compressor is not None else 0)
 
-    def prefill(self, admission) -> None:
-        """Fill the admitted rows' slots with their prompts (one forward)."""
-        slots = admission.slots_dev
+    def prefill(self, admission, groups=None) -> None:
+        """Fill the admitted rows' slots with their prompts (one forward; with ``groups`` each prompt's first
+        row only, its KV then copied into the other rows' slots, as the target's)."""
         if self.compressor is not None:
             self.compressor.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
+            groups = None  # (never set together: eviction prefills every row)
+        first = admission if groups is None else admission.subset(groups[0])
         prefill(
-            self.model, self.cache, admission.input_ids, admission.prompt_lens, self.backend, slots=slots,
-            lens_host=admission.prompt_lens_host,
+            self.model, self.cache, first.input_ids, first.prompt_lens, self.backend, slots=first.slots_dev,
+            lens_host=first.prompt_lens_host,
         )  # fmt: skip
+        if groups is not None:
+            sources = first.slots_dev[torch.as_tensor(groups[1], device=first.slots_dev.device)]
+            replicate_slots(self.cache, sources, admission.slots_dev, admission.input_ids.shape[1])
         self.forwards += 1
 
     def propose(self, rows, max_draft, draft_lens, history, history_lens, kv_bound, choose, slot_span=0):

@@ -85,15 +85,16 @@ class Drafting:
         draft = self.plan.assistant_model
         return routed_through_effdecode(draft) if draft is not None else contextlib.nullcontext()
 
-    def prefill(self, admission) -> None:
+    def prefill(self, admission, groups=None) -> None:
         """The rows of ``admission`` (a :class:`~effdecode.generation.state.Admission`) start drafting afresh:
-        schedule, statistics and (draft model) their slots of the draft cache, prefilled together."""
+        schedule, statistics and (draft model) their slots of the draft cache, prefilled together (rows of one
+        prompt once: ``groups`` from :func:`~effdecode.generation.shared_prefill.sharing_groups`)."""
         slots = admission.slots_dev
         self.schedule.admit(slots)
         self.proposed[slots] = 0
         self.accepted[slots] = 0
         self.quiet_until = 0
-        self.drafter.prefill(admission)
+        self.drafter.prefill(admission, groups)
 
     def rollback(self, state: DecodeState, kept_lens: torch.Tensor) -> None:
         """The draft cache keeps the first ``kept_lens`` (``[R]``) tokens of each active row's history."""

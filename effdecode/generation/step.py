@@ -158,11 +158,12 @@ class DecodeCall:
             self.compression.admit(admission.slots, admission.prompt_lens, admission.prompt_lens_host)
             scores = self.compression.prefill_scores(admission.slots, admission.prompt_lens_host)
         self.bounds[admission.slots] = admission.prompt_lens_host
-        logits = self._prefill_target(admission, scores)
+        groups = sharing_groups(admission.requests, self.share)
+        logits = self._prefill_target(admission, scores, groups)
         state.forwards += 1
         state.prefills += 1
         if self.drafting is not None:
-            self.drafting.prefill(admission)
+            self.drafting.prefill(admission, groups)
         emission = self._choose_one(logits, rows=slots, requests=admission.requests_dev)
         if self.consistency is not None:
             self.consistency.observe(logits, None, emission.tokens, admitted=True)
@@ -175,10 +176,9 @@ class DecodeCall:
         self.rows_stats.first_token(admission.requests)
         return admission, emission, forced_counts
 
-    def _prefill_target(self, admission, scores) -> torch.Tensor:
+    def _prefill_target(self, admission, scores, groups) -> torch.Tensor:
         """Logits ``[A, V]`` of the admitted prompts; with ``num_return_sequences = k``, the admitted rows of
-        one prompt share one prefill (its KV copied into their slots: :mod:`.shared_prefill`)."""
-        groups = sharing_groups(admission.requests, self.share)
+        one prompt share one prefill (``groups``: its KV copied into their slots, :mod:`.shared_prefill`)."""
         first = admission if groups is None else admission.subset(groups[0])
         all_leading = (first.slots == np.arange(len(first.slots))).all()
         logits = self.target.prefill(
