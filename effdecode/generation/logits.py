@@ -14,7 +14,7 @@ import torch
 
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.streams import draw, draw_base_seed, row_seeds
-from effdecode.generation.user_hooks import apply_processors
+from effdecode.generation.user_hooks import apply_processors_by_length
 from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import sample_from_scores, sample_tokens, warp_logits
 
@@ -144,14 +144,15 @@ class LogitsPipeline:
         logits: torch.Tensor,
         history: torch.Tensor | None,
         new_tokens: torch.Tensor,
-        user_view: tuple[torch.Tensor, torch.Tensor] | None = None,
+        user_views: list | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Processed float32 scores ``[B, V]`` for rows whose histories are ``history`` ``[B, L]``.
 
-        ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far. ``user_view``: ``(ids, rows)``,
-        transformers' full-batch ``input_ids`` ``[N, L]`` and the slots ``[B]`` of these rows; user processors
-        then see the whole batch (:mod:`effdecode.generation.user_hooks`), else the rows' ``history``.
+        ``new_tokens`` is int64 ``[B]``, tokens each row has generated so far. ``user_views``: transformers'
+        full-batch ``input_ids`` per group of rows with one history length
+        (:func:`~effdecode.generation.user_hooks.user_views_by_length`); user processors then see the whole
+        batch, else the rows' ``history``.
         ``rows`` (int ``[B]``) are the rows' request indices (slots), None meaning every row of the request in
         order.
         """
@@ -171,8 +172,8 @@ class LogitsPipeline:
             blocked = (new_tokens < request.eos_blocked_until)[:, None]
             eos_columns = self._eos_column_mask(scores.shape[-1], scores.device)
             scores = scores.masked_fill(blocked & eos_columns[None, :], float("-inf"))
-        if user_view is not None:
-            scores = apply_processors(request.logits_processors, user_view[0], scores, user_view[1])
+        if user_views is not None:
+            scores = apply_processors_by_length(request.logits_processors, user_views, scores)
         else:
             for processor in request.logits_processors:
                 scores = processor(history, scores)

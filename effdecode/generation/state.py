@@ -170,6 +170,9 @@ class DecodeState:
         self.joined = torch.zeros(slots, dtype=torch.long, device=device)
         self.row_forwards = torch.zeros(self.batch_size, dtype=torch.long, device=device)  # set on leaving
         self.reused = False  # some slot held more than one request
+        # Live rows may hold different numbers of new tokens (admitted after the first step; thinking control
+        # sets it too): transformers' view of a row then has its own width (user_hooks.length_groups).
+        self.ragged = False
 
     @property
     def waiting(self) -> int:
@@ -206,6 +209,7 @@ class DecodeState:
         slots = np.asarray(self.free_slots[:count], dtype=np.int64)
         del self.free_slots[:count]
         self.reused |= bool((self.request_of[slots] >= 0).any())
+        self.ragged |= self.forwards > 0
         request, device = self.request, self.device
         slots_dev = torch.as_tensor(slots, device=device)
         requests_dev = torch.as_tensor(requests, device=device)

@@ -30,7 +30,7 @@ from effdecode.generation.stopping import StopLogic
 from effdecode.generation.streams import row_seeds
 from effdecode.generation.target import TargetModel
 from effdecode.generation.thinking import ThinkingController
-from effdecode.generation.user_hooks import live_view
+from effdecode.generation.user_hooks import user_views_by_length
 from effdecode.hf_attention import routed_through_effdecode
 from effdecode.ops.verify import philox_offset_increment, verify_greedy, verify_sampling
 from effdecode.stats import GenerationStats
@@ -87,6 +87,7 @@ class DecodeCall:
         self.share = 1 if config.compresses else max(1, request.num_return_sequences)  # rows per prefill
         self.outputs = StepOutputs(request)
         self.state = DecodeState(request, lookahead, keep_history=speculation is not None, slots=slots)
+        self.state.ragged = thinking is not None  # forced text and probes advance rows by their own counts
         if self.consistency is not None:  # rows of decided prompts never start; windows first (esc/adaptive)
             self.state.admissible = self.consistency.admissible
             if slots < batch_size:  # (with a slot per row, slot i holds request i throughout)
@@ -467,18 +468,18 @@ class DecodeCall:
         """One token per row from last-column logits ``[R, V]`` (processors, warpers, greedy or a draw).
 
         ``rows`` / ``requests`` (int64 ``[R]``): the slots and request rows of the logits (default: the
-        active rows).
+        active rows; given: rows fresh from their prefill).
         """
         state = self.state
+        admitted = rows is not None
         if rows is None:
             rows, requests = state.rows_long, state.requests_long
         if history is None and self.pipeline.needs_history:
             history = state.history_for_processors(rows)
-        user_view = None
+        user_views = None
         if self.request.logits_processors:  # transformers' view: the whole batch, row i always request i
-            width = state.prompt_width + min(state.width_bound, state.max_new)
-            user_view = (live_view(state, width), requests)
-        scores = self.pipeline.process(logits, history, state.new_tokens[rows], user_view, rows=rows)
+            user_views = user_views_by_length(state, rows, requests, fresh=admitted)
+        scores = self.pipeline.process(logits, history, state.new_tokens[rows], user_views, rows=rows)
         tokens = self.pipeline.choose(scores, rows)
         counts = state.ones[: tokens.shape[0]]
         return Emission(tokens[:, None], counts, scores=scores, logits=logits)

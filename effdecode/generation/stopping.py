@@ -16,7 +16,7 @@ import torch
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.state import DecodeState
 from effdecode.generation.steps import right_aligned_windows
-from effdecode.generation.user_hooks import criteria_hit, live_view
+from effdecode.generation.user_hooks import criteria_hit, length_groups, live_view
 
 
 class StopLogic:
@@ -115,10 +115,15 @@ class StopLogic:
         does: :mod:`effdecode.generation.user_hooks`); every row leaves at ``max_new_tokens`` (``uniform``:
         rows advance together, the caller checks that on the host).
         """
-        if self.criteria and one_token:
-            width = state.prompt_width + min(state.width_bound, self.max_new)
-            ids = live_view(state, width)  # transformers' view: the whole batch, row i always row i
-            finished = finished | self.agree(criteria_hit(self.criteria, ids, scores, state.requests_long))
+        if self.criteria and one_token:  # transformers' view: the whole batch, row i always row i
+            hit = torch.zeros_like(finished)
+            for width, index in length_groups(state, state.rows_long):  # (one view unless rows are ragged)
+                group_hit = criteria_hit(self.criteria, live_view(state, width), scores, state.requests_long)
+                if index is None:
+                    hit = group_hit
+                else:
+                    hit = hit.index_copy(0, index, group_hit.index_select(0, index))
+            finished = finished | self.agree(hit)
         if uniform and self.rows_leave:
             return finished
         full = state.new_tokens[state.rows_long] >= self.max_new

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -120,3 +121,52 @@ def live_view(state, width: int) -> torch.Tensor:
     with ``state.requests_long`` (the live rows' request rows) for the hooks' per-row results.
     """
     return state.full_view(width)
+
+
+def length_groups(state, rows: torch.Tensor, fresh: bool = False) -> list[tuple[int, torch.Tensor | None]]:
+    """The rows ``rows`` (int64 ``[R]`` slots) grouped by their new-token counts: ``(width, index)`` pairs,
+    ``width`` the columns of transformers' ``input_ids`` for those rows (prompt width plus their count, at
+    most ``max_new_tokens``) and ``index`` their positions in ``rows`` (None: all of them).
+
+    transformers runs every row of a batch at the same step, so a hook sees each row's whole history: the
+    padded prompt and exactly its new tokens. Where live rows hold different counts (``state.ragged``: rows
+    admitted after the first step, thinking control) each count gets its own view; that costs one small
+    device-to-host copy of the counts, only when the user gave hooks. ``fresh``: rows just prefilled (no new
+    token yet).
+    """
+    if fresh:
+        return [(state.prompt_width, None)]
+    if not state.ragged:  # every row at the same step: one view, as wide as the longest row's history
+        return [(state.prompt_width + min(state.width_bound, state.max_new), None)]
+    counts = state.new_tokens.index_select(0, rows).clamp(max=state.max_new).cpu().numpy()
+    widths = np.unique(counts)
+    if len(widths) == 1:
+        return [(state.prompt_width + int(widths[0]), None)]
+    device = rows.device
+    return [
+        (state.prompt_width + int(count), torch.as_tensor(np.flatnonzero(counts == count), device=device))
+        for count in widths
+    ]
+
+
+def user_views_by_length(
+    state, rows: torch.Tensor, requests: torch.Tensor, fresh: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """transformers' views for user logits processors: ``(ids [B, W], request rows, index)`` per group of
+    :func:`length_groups` (``requests`` int64 ``[R]``, the request rows of ``rows``)."""
+    views = []
+    for width, index in length_groups(state, rows, fresh):
+        group = requests if index is None else requests.index_select(0, index)
+        views.append((live_view(state, width), group, index))
+    return views
+
+
+def apply_processors_by_length(processors: Sequence, views: list, scores: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_processors` on each view of :func:`user_views_by_length`; ``scores`` ``[R, V]``."""
+    if len(views) == 1 and views[0][2] is None:
+        ids, requests, _ = views[0]
+        return apply_processors(processors, ids, scores, requests)
+    out = scores.clone()
+    for ids, requests, index in views:
+        out.index_copy_(0, index, apply_processors(processors, ids, scores.index_select(0, index), requests))
+    return out
