@@ -20,8 +20,16 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
   inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
   reference costs more per layer than the whole compiled layer).
-- Optionally the token choice is part of the graph (:meth:`CompiledStep.run_and_choose`, greedy): a plain
-  decode step is then one compiled call and the loop's one host copy.
+- Optionally the token choice is part of the graph: a plain decode step is then one compiled call and the
+  loop's one host copy. Greedy: the argmax (:meth:`CompiledStep.replay_and_choose`). Sampling
+  (:meth:`CompiledStep.replay_and_sample`, where :func:`samples_in_graph` holds): transformers' warpers
+  (temperature, top-k, top-p, min-p; fixed-shape torch ops, their parameters constants of the graph, so each
+  set of parameters is its own step) and a draw from each row's counter stream
+  (:func:`~effdecode.generation.streams.draw`), whose seeds and offsets are slot-indexed static buffers of
+  :class:`~effdecode.generation.graphs.DecodeGraphs` (new values never recompile; the graph advances the
+  offsets). The call's eager draws (prefill, steps no bucket holds) use the same streams and the same torch
+  draw, so a seeded call gives the same tokens compiled or not. Repetition penalty (it reads each row's whole
+  history), EOS blocking and user processors keep the eager pipeline.
 
 The compiled function's inputs are the step's static buffers and the cache buffers, all the same tensors on
 every call, so nothing recompiles in steady state; the steps are compiled without dynamo guards (where torch
@@ -35,7 +43,8 @@ do): ``decode_cache`` returns the
 model's :class:`~effdecode.generation.graphs.DecodeGraphs` with ``graphs.compile`` set, so
 ``graphs.run(...)`` runs the compiled step unchanged; where :func:`chooses_in_graph` holds,
 ``graphs.run_and_choose(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
-skips its own ``process``/``choose`` for it;
+skips its own ``process``/``choose`` for it (``graphs.run_and_sample(...)``: logits, warped scores and
+sampled tokens, where :func:`samples_in_graph` holds);
 ``stats.compile_time_s`` is the growth of ``graphs.compile_time_s`` over the call.
 
 On CUDA the compiled function is what the step's CUDA graph captures (our own capture, as for eager steps,
