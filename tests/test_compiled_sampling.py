@@ -10,6 +10,8 @@ CPU compilation is slow, so these tests compile few steps: one KV bucket (prompt
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -78,13 +80,17 @@ def test_samples_in_graph_only_with_transformers_warpers(model):
     assert not samples_in_graph(request(logits_processor=LogitsProcessorList([_BanToken(3)])))
 
 
-def test_compiled_draw_equals_eager_draw():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_draw_equals_eager_draw(device):
     """The warp and the counter-stream draw compiled (fullgraph) give the eager tokens exactly: the int64
     hash wraps the same, float64 CDFs agree; sharp and flat rows, large seeds and offsets."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(64, 50, generator=generator) * torch.linspace(0.1, 6.0, 64)[:, None]
     seeds = torch.randint(0, 2**62, (64,), generator=generator)
     offsets = torch.randint(0, 2**40, (64,), generator=generator)
+    scores, seeds, offsets = scores.to(device), seeds.to(device), offsets.to(device)
 
     def sample(scores, seeds, offsets):
         return draw(warp_logits(scores, PARAMS), seeds, offsets)
@@ -145,6 +151,21 @@ def test_other_warpers_get_their_own_compiled_step(model):
     again = _sample(model, ids, mask, 4, 20, DecodeConfig(compile=True), temperature=0.7)
     assert torch.equal(again.sequences, eager.sequences)
     assert _compiled_graphs() - graphs_before == 1
+
+
+def test_compiled_sampling_with_speculation(model):
+    """A draft model proposes: verify steps compile as logits-only steps (lossless rejection sampling
+    eagerly, from the verify streams, after the prefill's draw from the pipeline's); the same tokens as
+    eager."""
+    ids, mask = ragged_prompts(1, 6, seed=6)
+    options = dict(assistant_model=copy.deepcopy(model), num_assistant_tokens=3, temperature=0.7)
+    eager = _sample(model, ids, mask, 1, 16, DecodeConfig(max_slots=1), **options)
+    out = _sample(model, ids, mask, 1, 16, DecodeConfig(compile=True), **options)
+    assert torch.equal(out.sequences, eager.sequences)
+    assert out.stats.target_forwards < sum(out.stats.new_tokens)  # drafts were accepted
+    steps = graphs_of(model).steps
+    verify = [step for key, step in steps.items() if key[0] == 1 and key[1] > 1]
+    assert verify and all(step.compiled.calls > 0 for step in verify)
 
 
 class _BanToken(LogitsProcessor):
