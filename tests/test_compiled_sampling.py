@@ -20,7 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import effdecode
 from effdecode import DecodeConfig
 from effdecode.generation.compiled import samples_in_graph
-from effdecode.generation.graphs import graphs_of, release_graphs
+from effdecode.generation.graphs import bucket_for, graphs_of, release_graphs
 from effdecode.generation.request import build_request
 from effdecode.generation.streams import draw
 from effdecode.ops.sampling import SamplingParams, warp_logits
@@ -109,13 +109,17 @@ def test_compiled_sampling_equals_eager_streams_without_recompiling(model):
     call, or with continuous batching (rows admitted into freed slots restart their slots' streams)."""
     ids, mask = ragged_prompts(3, 9, seed=5)
     eager = _sample(model, ids, mask, 2, 22, DecodeConfig(max_slots=3))
-    assert sorted(eager.stats.new_tokens) == [5, 6, 22]  # rows leave: buckets of 4, 2 then 1 rows
+    new_tokens = eager.stats.new_tokens
+    assert len(set(new_tokens)) == 3 and max(new_tokens) == 22  # rows leave, each at its own step
+    # Row buckets of the steps: step j feeds the rows with more than j tokens (the first is the prefill's).
+    buckets = {bucket_for(sum(n > j for n in new_tokens)) for j in range(1, 22)}
+    assert len(buckets) >= 2
 
     breaks, graphs_before = _graph_breaks(), _compiled_graphs()
     first = _sample(model, ids, mask, 2, 22, DecodeConfig(compile=True))
     assert torch.equal(first.sequences, eager.sequences)
     steps = _sampling_steps(model)
-    assert sorted(step.compiled.bucket for step in steps.values()) == [1, 2, 4]
+    assert sorted(step.compiled.bucket for step in steps.values()) == sorted(buckets)  # one step each
     assert all(key[-1] == PARAMS for key in steps)  # keyed by the warpers
     assert all(step.compiled is not None for step in graphs_of(model).steps.values())
     assert len(graphs_of(model).steps) == len(steps)  # no plain (logits-only) step was needed
