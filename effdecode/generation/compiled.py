@@ -20,8 +20,16 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
   inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
   reference costs more per layer than the whole compiled layer).
-- Optionally the token choice is part of the graph (:meth:`CompiledStep.run_and_choose`, greedy): a plain
-  decode step is then one compiled call and the loop's one host copy.
+- Optionally the token choice is part of the graph: a plain decode step is then one compiled call and the
+  loop's one host copy. Greedy: the argmax (:meth:`CompiledStep.replay_and_choose`). Sampling
+  (:meth:`CompiledStep.replay_and_sample`, where :func:`samples_in_graph` holds): transformers' warpers
+  (temperature, top-k, top-p, min-p; fixed-shape torch ops, their parameters constants of the graph, so each
+  set of parameters is its own step) and a draw from each row's counter stream
+  (:func:`~effdecode.generation.streams.draw`), whose seeds and offsets are slot-indexed static buffers of
+  :class:`~effdecode.generation.graphs.DecodeGraphs` (new values never recompile; the graph advances the
+  offsets). The call's eager draws (prefill, steps no bucket holds) use the same streams and the same torch
+  draw, so a seeded call gives the same tokens compiled or not. Repetition penalty (it reads each row's whole
+  history), EOS blocking and user processors keep the eager pipeline.
 
 The compiled function's inputs are the step's static buffers and the cache buffers, all the same tensors on
 every call, so nothing recompiles in steady state; the steps are compiled without dynamo guards (where torch
@@ -35,7 +43,8 @@ do): ``decode_cache`` returns the
 model's :class:`~effdecode.generation.graphs.DecodeGraphs` with ``graphs.compile`` set, so
 ``graphs.run(...)`` runs the compiled step unchanged; where :func:`chooses_in_graph` holds,
 ``graphs.run_and_choose(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
-skips its own ``process``/``choose`` for it;
+skips its own ``process``/``choose`` for it (``graphs.run_and_sample(...)``: logits, warped scores and
+sampled tokens, where :func:`samples_in_graph` holds);
 ``stats.compile_time_s`` is the growth of ``graphs.compile_time_s`` over the call.
 
 On CUDA the compiled function is what the step's CUDA graph captures (our own capture, as for eager steps,
@@ -52,9 +61,11 @@ import types
 import torch
 
 from effdecode.generation.static_experts import experts_configs, traceable_experts
+from effdecode.generation.streams import draw
 from effdecode.hf_attention import STEP_KWARG
 from effdecode.ops import custom_ops
 from effdecode.ops.backend import resolve_backend
+from effdecode.ops.sampling import SamplingParams, warp_logits
 
 _NEG_INF = float("-inf")
 
@@ -214,11 +225,19 @@ class CompiledStep:
         ``DecodeConfig.attn_backend``.
     kv_len : int, optional
         Keys the step attends (its KV bucket; default the capacity).
+    sampling : SamplingParams, optional
+        A q_len-1 step that samples: its warpers (constants of the graph) for :meth:`replay_and_sample`.
+    streams : tuple of torch.Tensor, optional
+        With ``sampling``: int64 ``[slots]`` seeds and offsets of each slot's random stream
+        (:mod:`effdecode.generation.streams`), static buffers read and advanced inside the graph.
     """
 
     def __init__(
-        self, model, cache, bucket: int, num_cols: int, backend: str, kv_len: int | None = None
-    ) -> None:
+        self, model, cache, bucket: int, num_cols: int, backend: str, kv_len: int | None = None,
+        sampling: SamplingParams | None = None, streams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        if sampling is not None and (num_cols != 1 or streams is None):
+            raise ValueError("a sampling compiled step needs q_len 1 and the slots' seeds and offsets")
         device = cache.device
         self.cache = cache
         self.bucket = bucket
@@ -253,6 +272,18 @@ class CompiledStep:
             logits = forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer)
             return logits, logits.float().argmax(dim=-1)
 
+        def forward_and_sample(
+            input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer, seeds, offsets
+        ):
+            logits = forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer)
+            # LogitsPipeline.process + choose of a plain sampling step, in the same ops (float32 scores,
+            # transformers' warpers, the slot's counter stream): the eager path draws the same tokens.
+            scores = warp_logits(logits.float(), sampling)
+            slots = rows.long()
+            tokens = draw(scores, seeds.index_select(0, slots), offsets.index_select(0, slots))
+            offsets.index_add_(0, slots, q_lens.long())  # one draw; padding rows (q_len 0) keep theirs
+            return logits, scores, tokens
+
         tag = f"effdecode_step_b{bucket}_t{num_cols}_kv{kv_len}"
         options = dict(fullgraph=True, dynamic=False, options=inductor_options(device))
         if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters exist (torch >= 2.8)
@@ -264,37 +295,54 @@ class CompiledStep:
         self._forward = torch.compile(_unique_function(forward, tag), **options)
         choose_function = _unique_function(forward_and_choose, tag + "_choose")
         self._forward_and_choose = torch.compile(choose_function, **options)
+        self._forward_and_sample = None
+        if sampling is not None:  # (the warpers are in the closure: each SamplingParams its own step)
+            sample_function = _unique_function(forward_and_sample, tag + "_sample")
+            self._forward_and_sample = torch.compile(sample_function, **options)
+        self.sampling = sampling
         self._args = (
             self.input_ids, self.positions, self.rows, self.q_lens, cache.cache_lens, cache.key_buffer,
             cache.value_buffer,
         )  # fmt: skip
-        self._warm: set[bool] = set()
+        self._streams = tuple(streams) if streams is not None else ()
+        self._warm: set[str] = set()
         # MoE layers trace as transformers' batched_mm experts; the setting holds on every call, as dynamo's
         # guards on it (kept by the tensor-guard filter too) would otherwise recompile with the eager experts.
         self._experts = experts_configs(model)
 
-    def _call(self, choose: bool):
-        function = self._forward_and_choose if choose else self._forward
-        if choose not in self._warm:  # the first call compiles: timed, reported apart from decoding
+    def _call(self, kind: str):
+        if kind == "sample":
+            function, args = self._forward_and_sample, self._args + self._streams
+        else:
+            function, args = (self._forward_and_choose if kind == "choose" else self._forward), self._args
+        if kind not in self._warm:  # the first call compiles: timed, reported apart from decoding
             started = time.perf_counter()
             with traceable_experts(self._experts):
-                result = function(*self._args)
+                result = function(*args)
             self.compile_time_s += time.perf_counter() - started
-            self._warm.add(choose)
+            self._warm.add(kind)
             return result
         self.calls += 1
         if self._experts:
             with traceable_experts(self._experts):
-                return function(*self._args)
-        return function(*self._args)
+                return function(*args)
+        return function(*args)
 
     def replay(self) -> torch.Tensor:
         """Logits of the step's static inputs: ``[bucket, V]`` (q_len 1) or ``[bucket, T, V]``."""
-        return self._call(False)
+        return self._call("logits")
 
     def replay_and_choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[bucket, V]``, greedy tokens int64 ``[bucket]``) of a q_len-1 step, one compiled call."""
-        return self._call(True)
+        return self._call("choose")
+
+    def replay_and_sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits ``[bucket, V]``, warped float32 scores ``[bucket, V]``, sampled tokens int64 ``[bucket]``)
+        of a q_len-1 sampling step, one compiled call; the rows' stream offsets advance by one (padding rows'
+        stay)."""
+        if self._forward_and_sample is None:
+            raise RuntimeError("this compiled step was built without sampling parameters")
+        return self._call("sample")
 
 
 def _no_guards(entries: list) -> list[bool]:
@@ -336,16 +384,38 @@ def kv_bucket_for(kv_bound: int, capacity: int) -> int:
 INLINE_TORCH_ATTENTION = True
 
 
+def _only_warpers(request) -> bool:
+    """No logits processing but the sampling warpers: no repetition penalty (it reads each row's whole
+    history), no EOS blocking, no user processors, and no processed scores to return."""
+    return (
+        request.repetition_penalty == 1.0
+        and not request.logits_processors
+        and request.eos_blocked_until <= 0
+        and not request.output_scores
+    )
+
+
 def chooses_in_graph(request) -> bool:
     """Whether a plain decode step's token choice can be the compiled step's argmax of its float32 logits.
 
     Greedy, with no logits processing (no repetition penalty, no EOS blocking, no user processors) and no
     processed scores to return: then ``LogitsPipeline.process`` + ``choose`` is exactly that argmax.
     """
+    return not request.do_sample and _only_warpers(request)
+
+
+def samples_in_graph(request) -> bool:
+    """Whether a compiled plain decode step samples its tokens in its graph (``replay_and_sample``).
+
+    ``DecodeConfig(compile=True)``, ``do_sample``, no thinking control and no logits processing but
+    transformers' warpers (temperature, top-k, top-p, min-p: fixed-shape torch ops): then
+    ``LogitsPipeline.process`` + ``choose`` is exactly the graph's warp and counter-stream draw. The call's
+    pipeline then draws from the per-request streams everywhere (prefill, eager steps), never
+    ``torch.multinomial`` or the Triton sample kernel, so in-graph and eager draws agree.
+    """
     return (
-        not request.do_sample
-        and request.repetition_penalty == 1.0
-        and not request.logits_processors
-        and request.eos_blocked_until <= 0
-        and not request.output_scores
+        request.do_sample
+        and request.decode_config.compile
+        and request.thinking is None
+        and _only_warpers(request)
     )

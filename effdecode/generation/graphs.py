@@ -20,7 +20,9 @@ rows with fewer drafts are padded, as in the eager path). What a captured step n
   attends to nothing; the slots are picked on the device, without a host sync. Hence ``q_full`` is off
   for captured steps (the flash-attn path then writes the valid columns itself).
 
-Everything else of the step (logits processing, sampling, stop checks, cache length updates) runs eagerly.
+Everything else of the step (logits processing, sampling, stop checks, cache length updates) runs eagerly,
+except that a compiled one-token step may also choose its tokens in its graph (greedy argmax, or transformers'
+warpers and a draw from the slots' streams: :mod:`effdecode.generation.compiled`).
 On a machine without CUDA (tests), ``replay`` runs the same static-buffer step eagerly, so the bucketing and
 buffer plumbing are checked everywhere; only the capture itself needs a GPU.
 """
@@ -36,6 +38,7 @@ from effdecode.cache import KVGeometry, SlotKVCache
 from effdecode.generation.compiled import CompiledStep, kv_bucket_for
 from effdecode.generation.steps import forward_logits
 from effdecode.ops.attention import SlotBatch
+from effdecode.ops.sampling import SamplingParams
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _CAPACITY_STEP = 256  # capacity is rounded up so that similar calls share the cache and the graphs
@@ -83,16 +86,22 @@ class _CapturedStep:
 
     With ``compiled`` the step is a :class:`~effdecode.generation.compiled.CompiledStep` (its buffers are the
     static ones) and the graph captures the compiled function. With ``choose`` the step also returns the
-    greedy tokens (in the compiled graph when compiled). A compiled step attends over ``kv_len`` keys (its KV
-    bucket); an eager one over the capacity.
+    greedy tokens (in the compiled graph when compiled); with ``sampling`` (compiled steps only) it warps and
+    draws in its graph from the slots' ``streams`` (seeds, offsets). A compiled step attends over ``kv_len``
+    keys (its KV bucket); an eager one over the capacity.
     """
 
     def __init__(
         self, model, cache: SlotKVCache, bucket: int, num_cols: int, backend: str, pool,
         compiled: bool = False, choose: bool = False, kv_len: int | None = None,
+        sampling: SamplingParams | None = None, streams: tuple | None = None,
     ) -> None:  # fmt: skip
         device = cache.device
-        self.compiled = CompiledStep(model, cache, bucket, num_cols, backend, kv_len) if compiled else None
+        if sampling is not None and not compiled:
+            raise ValueError("only a compiled step samples in its graph")
+        self.compiled = None
+        if compiled:
+            self.compiled = CompiledStep(model, cache, bucket, num_cols, backend, kv_len, sampling, streams)
         if self.compiled is not None:  # the compiled step owns the static buffers (same initial values)
             c = self.compiled
             self.input_ids, self.positions = c.input_ids, c.positions
@@ -117,7 +126,9 @@ class _CapturedStep:
                 model, cache, batch, self.input_ids, self.positions, last_only=num_cols == 1
             )
 
-        if self.compiled is not None:
+        if self.compiled is not None and sampling is not None:
+            step = self.compiled.replay_and_sample
+        elif self.compiled is not None:
             step = self.compiled.replay_and_choose if choose else self.compiled.replay
         elif choose:
             step = lambda: (lambda logits: (logits, logits.float().argmax(dim=-1)))(forward())  # noqa: E731
@@ -145,7 +156,8 @@ class _CapturedStep:
                 step()
 
     def replay(self):
-        """The step's output: logits ``[bucket, V]`` / ``[bucket, T, V]``, or (logits, tokens) with choose."""
+        """The step's output: logits ``[bucket, V]`` / ``[bucket, T, V]``, (logits, tokens) with choose, or
+        (logits, scores, tokens) with sampling."""
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -164,6 +176,10 @@ class DecodeGraphs:
         self.broken: str | None = None  # why capture failed; the model then decodes eagerly
         self.compile = False  # steps are compiled (DecodeConfig.compile of the current call)
         self.weights: tuple | None = None  # weights_signature of the model the steps were made for
+        # int64 [slots]: each slot's random stream (seed, draws so far) for steps that sample in their graph;
+        # slot-indexed static buffers, made with the cache, filled by each call's LogitsPipeline.
+        self.seeds: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
 
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
@@ -186,6 +202,8 @@ class DecodeGraphs:
             cache = SlotKVCache(geometry, bucket + 1, capacity, dtype, device)
             self.cache = cache
             self.weights = weights
+            self.seeds = torch.zeros(cache.num_slots, dtype=torch.long, device=device)
+            self.offsets = torch.zeros(cache.num_slots, dtype=torch.long, device=device)
         cache.cache_lens.zero_()
         cache.positions.zero_()
         return cache
@@ -196,14 +214,18 @@ class DecodeGraphs:
         return sum(step.compiled.compile_time_s for step in self.steps.values() if step.compiled is not None)
 
     def step(
-        self, model, rows: int, num_cols: int, backend: str, choose: bool = False, kv_bound: int | None = None
-    ) -> _CapturedStep | None:
+        self, model, rows: int, num_cols: int, backend: str, choose: bool = False,
+        kv_bound: int | None = None, sampling: SamplingParams | None = None,
+    ) -> _CapturedStep | None:  # fmt: skip
         """The captured step for ``rows`` rows of ``num_cols`` columns (captured on first use), or None.
 
         A compiled step is also keyed by the KV bucket holding ``kv_bound`` (the rows' lengths after the step,
-        host-side; None: the capacity)."""
+        host-side; None: the capacity), and a sampling one by its warpers ``sampling`` (graph constants: a
+        call with other parameters gets its own step, one with the same reuses it)."""
         bucket = bucket_for(rows)
         if self.broken or bucket is None or self.cache is None or bucket + 1 > self.cache.num_slots:
+            return None
+        if sampling is not None and not self.compile:
             return None
         kv_len = None
         if self.compile:
@@ -211,6 +233,7 @@ class DecodeGraphs:
             kv_len = kv_bucket_for(capacity if kv_bound is None else kv_bound, capacity)
         key = (bucket, num_cols, backend)
         key += (("compiled", kv_len) if self.compile else ()) + (("choose",) if choose else ())
+        key += ("sample", sampling) if sampling is not None else ()
         if key not in self.steps:
             if self.pool is None and self.cache.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
@@ -225,6 +248,8 @@ class DecodeGraphs:
                     compiled=self.compile,
                     choose=choose,
                     kv_len=kv_len,
+                    sampling=sampling,
+                    streams=(self.seeds, self.offsets),
                 )
             except Exception as error:  # an op that cannot be captured: decode eagerly, say why once
                 self.broken = f"{type(error).__name__}: {error}"
@@ -281,16 +306,41 @@ class DecodeGraphs:
         num_rows = rows.shape[0]
         return logits[:num_rows], chosen[:num_rows]
 
+    def run_and_sample(
+        self,
+        model,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        backend: str,
+        sampling: SamplingParams,
+        kv_bound: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A compiled decode step that also warps (``sampling``) and draws each row's token in its graph.
+
+        ``tokens``/``positions`` int64 ``[B]``; the rows draw from their slots' streams (:attr:`seeds`,
+        :attr:`offsets`, which advance by one draw). Returns (logits ``[B, V]``, warped float32 scores
+        ``[B, V]``, tokens int64 ``[B]``), or None if steps are not compiled or no bucket holds the rows. For
+        sampling whose only logits processing is the warpers (``samples_in_graph``).
+        """
+        step = self._load(model, rows, tokens, positions, backend, None, False, kv_bound, sampling)
+        if step is None:
+            return None
+        logits, scores, chosen = step.replay()
+        num_rows = rows.shape[0]
+        return logits[:num_rows], scores[:num_rows], chosen[:num_rows]
+
     def _load(
-        self, model, rows, tokens, positions, backend, q_lens, choose: bool, kv_bound: int | None
-    ) -> _CapturedStep | None:
+        self, model, rows, tokens, positions, backend, q_lens, choose: bool, kv_bound: int | None,
+        sampling: SamplingParams | None = None,
+    ) -> _CapturedStep | None:  # fmt: skip
         """The step for these inputs with its static buffers filled, or None."""
         num_rows = rows.shape[0]
         num_cols = 1 if tokens.dim() == 1 else tokens.shape[1]
         # Compiled verify steps come in widths 2, 4, 8, 16 (rows stay right-aligned, the extra columns are
         # padding), so that a changing draft length does not compile a step per width.
         width = num_cols if num_cols == 1 or not self.compile else width_for(num_cols)
-        step = self.step(model, num_rows, width, backend, choose=choose, kv_bound=kv_bound)
+        step = self.step(model, num_rows, width, backend, choose=choose, kv_bound=kv_bound, sampling=sampling)
         if step is None:
             return None
         step.rows[:num_rows].copy_(rows)
@@ -315,6 +365,7 @@ class DecodeGraphs:
         self.steps.clear()
         self.cache = None
         self.pool = None
+        self.seeds = self.offsets = None
 
 
 def decode_cache(

@@ -12,6 +12,7 @@ import inspect
 
 import torch
 
+from effdecode.generation.compiled import samples_in_graph
 from effdecode.generation.request import GenerationRequest
 from effdecode.generation.streams import draw, draw_base_seed, row_seeds
 from effdecode.generation.user_hooks import apply_processors_by_length
@@ -75,9 +76,28 @@ def apply_repetition_penalty(
 
 
 class LogitsPipeline:
-    """Turns a step's raw logits into processed scores and chooses each row's next token."""
+    """Turns a step's raw logits into processed scores and chooses each row's next token.
 
-    def __init__(self, request: GenerationRequest, device: torch.device, slots: int | None = None) -> None:
+    Parameters
+    ----------
+    request : GenerationRequest
+        The validated call.
+    device : torch.device
+        Where the scores live.
+    slots : int, optional
+        Slots of the call (default: one per row).
+    streams : tuple of torch.Tensor, optional
+        int64 ``[S]`` (``S >= slots``) seed and offset buffers to hold the slots' random streams, when
+        compiled steps sample in their graphs from those same (static) buffers; default: the pipeline's own.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        device: torch.device,
+        slots: int | None = None,
+        streams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.request = request
         slots = request.batch_size if slots is None else slots
         self.prompt_width = request.input_ids.shape[1]
@@ -93,21 +113,28 @@ class LogitsPipeline:
         # generator, so torch.manual_seed still reproduces a call and a request's draws do not depend on its
         # batch, slot or admission order. Otherwise the torch path (CPU) draws as transformers does
         # (torch.multinomial over the batch), so a seeded call whose rows all run to the end gives
-        # transformers' own tokens.
+        # transformers' own tokens. Compiled steps (DecodeConfig.compile) draw from the streams too; where
+        # they sample in their graphs (samples_in_graph) the torch draw is used everywhere, so that compiled
+        # and eager steps draw alike.
         self.kernel_sampler = (
             request.do_sample
             and not request.output_scores
+            and not samples_in_graph(request)
             and resolve_backend("auto", device, has_cuda_op=False, has_triton_op=True) == "triton"
         )
+        config = request.decode_config
         self.streams = request.do_sample and (
-            self.kernel_sampler or request.decode_config.max_slots is not None
+            self.kernel_sampler or config.max_slots is not None or config.compile
         )
         if request.do_sample:
             # (drawn after transformers' would-be draws only where they cannot matter: see above)
             needs_seed = self.streams or request.speculation is not None or request.thinking is not None
             self.base_seed = draw_base_seed() if needs_seed else 0
-            self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
-            self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
+            if streams is not None:
+                self.seeds, self.offsets = streams
+            else:
+                self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+                self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
         if self.kernel_sampler:
             params = request.sampling
             self.temperature = torch.full((slots,), params.temperature, device=device)

@@ -59,7 +59,8 @@ class StepPlan:
     scores: list | None = None  # attention-score buffers for the eviction policy
     kv_bound: int = 0  # host bound of the rows' cache lengths after the forward
     last_only: bool = True  # the forward returns last-column logits (no row that is not probing drafts)
-    chosen: torch.Tensor | None = None  # int64 [R]: greedy tokens a compiled step chose with its forward
+    chosen: torch.Tensor | None = None  # int64 [R]: tokens a compiled step chose in its graph (argmax, draw)
+    chosen_scores: torch.Tensor | None = None  # float32 [R, V]: the warped scores it drew from (sampling)
 
     @property
     def num_cols(self) -> int:

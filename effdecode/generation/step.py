@@ -14,7 +14,7 @@ import torch
 
 from effdecode.distributed import agree_any, tp_group
 from effdecode.generation.admission import RowStats, join_emissions
-from effdecode.generation.compiled import chooses_in_graph
+from effdecode.generation.compiled import chooses_in_graph, samples_in_graph
 from effdecode.generation.compressing import Compression
 from effdecode.generation.consistency import Consistency
 from effdecode.generation.drafting import Drafting
@@ -67,13 +67,19 @@ class DecodeCall:
         cache, graphs = decode_cache(model, config, slots, capacity)
         self.target = TargetModel(model, cache, graphs, config.attn_backend)
         self.compile_before = graphs.compile_time_s if graphs is not None else 0.0
-        # Greedy with nothing between the forward and the argmax: a compiled step chooses the tokens itself.
-        self.choose_in_graph = config.compile and thinking is None and chooses_in_graph(request)
+        # Greedy with nothing between the forward and the argmax, or sampling with only transformers' warpers
+        # between the forward and the draw: a compiled one-token step chooses the tokens itself.
+        sample_in_graph = samples_in_graph(request) and graphs is not None
+        greedy_in_graph = thinking is None and chooses_in_graph(request)
+        self.choose_in_graph = config.compile and (greedy_in_graph or sample_in_graph)
+        self.sampling_in_graph = request.sampling if sample_in_graph else None
         self.compression = None
         if config.compresses:
             no_prompts = torch.zeros(slots, dtype=torch.int32, device=model.device)  # filled on admission
             self.compression = Compression(config, cache, no_prompts, thinking)
-        self.pipeline = LogitsPipeline(request, model.device, slots)
+        # (steps that sample in their graphs read the slots' streams from the graphs' static buffers)
+        streams = (graphs.seeds, graphs.offsets) if sample_in_graph else None
+        self.pipeline = LogitsPipeline(request, model.device, slots, streams)
         tensor_parallel = tp_group(model) is not None
         self.drafting = (
             Drafting(request, capacity, timed_gate=not (request.do_sample or tensor_parallel), slots=slots)
@@ -418,9 +424,9 @@ class DecodeCall:
         )
         logits = self.target.forward(
             state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound, state.leading,
-            plan.scores, plan.last_only, self.choose_in_graph, state.slot_span,
+            plan.scores, plan.last_only, self.choose_in_graph, state.slot_span, self.sampling_in_graph,
         )  # fmt: skip
-        plan.chosen = self.target.chosen
+        plan.chosen, plan.chosen_scores = self.target.chosen, self.target.chosen_scores
         state.forwards += 1
         return logits
 
@@ -436,9 +442,10 @@ class DecodeCall:
                 probe, probe_logits, state.rows_long, state.rows_host, state.new_tokens, self.target.cache,
                 self.pipeline, history,
             )  # fmt: skip
-        if plan.chosen is not None:  # the compiled step's argmax is exactly process + choose here
+        if plan.chosen is not None:  # the compiled step's argmax or draw is exactly process + choose here
             ones = state.ones[: logits.shape[0]]
-            emission = Emission(plan.chosen[:, None], ones, scores=logits.float(), logits=logits)
+            scores = plan.chosen_scores if plan.chosen_scores is not None else logits.float()
+            emission = Emission(plan.chosen[:, None], ones, scores=scores, logits=logits)
         elif plan.last_only:
             emission = self._choose_one(logits, history)
         else:

@@ -13,6 +13,7 @@ from effdecode.cache import SlotKVCache
 from effdecode.generation.graphs import DecodeGraphs
 from effdecode.generation.steps import forward_logits, prefill
 from effdecode.ops.attention import SlotBatch
+from effdecode.ops.sampling import SamplingParams
 
 
 class TargetModel:
@@ -35,7 +36,8 @@ class TargetModel:
         self.cache = cache
         self.graphs = graphs
         self.backend = backend
-        self.chosen: torch.Tensor | None = None  # int64 [R]: greedy tokens the last forward chose in-graph
+        self.chosen: torch.Tensor | None = None  # int64 [R]: tokens the last forward chose in its graph
+        self.chosen_scores: torch.Tensor | None = None  # float32 [R, V]: the warped scores it sampled from
 
     def prefill(
         self,
@@ -66,6 +68,7 @@ class TargetModel:
         last_only: bool = True,
         choose: bool = False,
         slot_span: int = 0,
+        sampling: SamplingParams | None = None,
     ) -> torch.Tensor:
         """Logits of one step: the last column's ``[R, V]`` (``last_only``), else all columns' ``[R, T, V]``.
 
@@ -88,12 +91,21 @@ class TargetModel:
         choose : bool
             A one-token step may pick each row's greedy token in its compiled graph (``self.chosen``, else
             None); only where nothing stands between the forward and the argmax (``chooses_in_graph``).
+        sampling : SamplingParams, optional
+            With ``choose``: the step samples instead, warping with these and drawing from the slots'
+            streams in its compiled graph (``self.chosen``, the warped scores in ``self.chosen_scores``); only
+            where the warpers are all that stands between the forward and the draw (``samples_in_graph``).
         """
         num_cols = input_ids.shape[1]
-        self.chosen = None
+        self.chosen = self.chosen_scores = None
         if self.graphs is not None and scores is None:
             graphs, model, backend = self.graphs, self.model, self.backend
-            if num_cols == 1 and choose and graphs.compile:
+            if num_cols == 1 and choose and sampling is not None and graphs.compile:
+                out = graphs.run_and_sample(
+                    model, rows, input_ids[:, 0], positions[:, 0], backend, sampling, kv_bound
+                )
+                logits, self.chosen_scores, self.chosen = out if out is not None else (None, None, None)
+            elif num_cols == 1 and choose and graphs.compile:
                 out = graphs.run_and_choose(model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound)
                 logits, self.chosen = out if out is not None else (None, None)
             elif num_cols == 1:
