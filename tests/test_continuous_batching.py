@@ -21,7 +21,7 @@ from effdecode import DecodeConfig
 from effdecode.generation import slots as slots_module
 from effdecode.generation.graphs import graphs_of, release_graphs
 from effdecode.generation.target import TargetModel
-from tiny_models import ragged_prompts, tiny_model
+from tiny_models import PAD, ragged_prompts, tiny_model
 
 ROWS = 6
 NEW = 24
@@ -407,3 +407,46 @@ def test_prefill_scores_count_only_each_rows_observation_window(policy):
     for row, prompt in enumerate(prompts):
         alone = effdecode.generate(model, torch.tensor([prompt]), decode_config=config, **kwargs)
         assert torch.equal(alone[0, len(prompt) :], together[row, 9:]), row
+
+
+@pytest.mark.parametrize("seed", [34000028, 34000294])
+def test_user_processors_see_each_rows_own_history_after_late_admission(seed):
+    """Fuzz findings (cases 34000028, 34000294): with max_slots, rows admitted later hold fewer new tokens;
+    their view for user processors was left-filled with pad up to the longest row, and NoRepeatNGram then
+    banned tokens after bigrams of pads transformers never sees. Each history length now gets its own view."""
+    from effdecode.testing.fuzz_cases import make_case, run_case
+
+    case = make_case(seed)
+    assert case.decode.get("max_slots") is not None
+    assert any(p["kind"] == "no_repeat_ngram" for p in case.processors)
+    failures, _ = run_case(case)
+    assert failures == []
+
+
+def test_user_processor_views_are_transformers_own_with_late_admission():
+    """A processor that records its input_ids: every row at each of its steps sees exactly what transformers'
+    generate shows it (padded prompt + its new tokens), whatever the slot count."""
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.seen: dict[tuple[int, ...], int] = {}
+
+        def __call__(self, input_ids, scores):
+            for row in input_ids.tolist():
+                self.seen[tuple(row)] = self.seen.get(tuple(row), 0) + 1
+            return scores
+
+    model = tiny_model("qwen2", torch.float64, seed=4)
+    ids, mask = ragged_prompts(5, max_len=7, seed=4)
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    hf = Recorder()
+    expected = model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([hf]), **kwargs)
+    for slots in (1, 2):
+        ours = Recorder()
+        out = effdecode.generate(
+            model, ids, attention_mask=mask, logits_processor=LogitsProcessorList([ours]),
+            decode_config=DecodeConfig(max_slots=slots), **kwargs,
+        )  # fmt: skip
+        assert torch.equal(out, expected), slots
+        # every view transformers showed a row, ours showed it too (other rows' views may differ)
+        assert set(hf.seen) <= set(ours.seen), slots
