@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,41 @@ def test_slot_span_view_gives_the_gathers_outputs_and_scores(variant, num_cols, 
     torch.testing.assert_close(viewed[0][valid], gathered[0][valid])
     for first, second in zip(gathered[1:], viewed[1:], strict=True):
         torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "window", "softcap", "sinks"])
+@pytest.mark.parametrize("num_cols", [1, 3])
+def test_row_by_row_attention_gives_the_padded_calls_outputs(variant, num_cols, monkeypatch, fresh_seed):
+    """With host-side per-row bounds (loose ones included) the torch path may attend row by row over each
+    row's own length: the outputs and cache writes are the padded call's."""
+    from effdecode.ops import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_ROW_BY_ROW_MIN_PADDING", 0)  # (the tiny shapes pad little)
+    slots, kv_heads, capacity, head_dim, batch = 7, 2, 40, 8, 5
+    rows = torch.randperm(slots)[:batch].to(torch.int32)
+    cache_lens = torch.randint(0, 30, (slots,), dtype=torch.int32)
+    q_lens = torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32)
+    query = torch.randn(batch, kv_heads * 2, num_cols, head_dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
+    k_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    v_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+    extra = {
+        "plain": {},
+        "window": {"sliding_window": 4},
+        "softcap": {"softcap": 2.0},
+        "sinks": {"sinks": torch.randn(kv_heads * 2, dtype=torch.float64)},
+    }[variant]
+    after = (cache_lens[rows.long()] + q_lens).numpy().astype(np.int64)
+    loose = after + np.random.default_rng(0).integers(0, 3, batch)  # host bounds may be loose
+    bound = int(loose.max())
+    results = []
+    for host_rows in (None, (rows.numpy().astype(np.int64), loose)):
+        k, v = k_cache.clone(), v_cache.clone()
+        meta = SlotBatch(rows, cache_lens, q_lens, kv_len_bound=bound, host_rows=host_rows)
+        assert (attention_module._row_by_row(meta, bound) is None) == (host_rows is None)
+        results.append((slot_attention_reference(query, key, value, k, v, meta, 0.35, **extra), k, v))
+    valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
+    (padded, k1, v1), (row_by_row, k2, v2) = results
+    torch.testing.assert_close(row_by_row[valid], padded[valid])
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -424,7 +424,8 @@ class DecodeCall:
         )
         logits = self.target.forward(
             state.rows, plan.input_ids, plan.positions, plan.q_lens, plan.kv_bound, state.leading,
-            plan.scores, plan.last_only, self.choose_in_graph, state.slot_span, self.sampling_in_graph,
+            plan.scores, plan.last_only, self.choose_in_graph, slot_span=state.slot_span,
+            host_rows=(state.rows_host, self.bounds[state.rows_host]), sampling=self.sampling_in_graph,
         )  # fmt: skip
         plan.chosen, plan.chosen_scores = self.target.chosen, self.target.chosen_scores
         state.forwards += 1

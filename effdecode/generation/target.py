@@ -68,6 +68,7 @@ class TargetModel:
         last_only: bool = True,
         choose: bool = False,
         slot_span: int = 0,
+        host_rows: tuple | None = None,
         sampling: SamplingParams | None = None,
     ) -> torch.Tensor:
         """Logits of one step: the last column's ``[R, V]`` (``last_only``), else all columns' ``[R, T, V]``.
@@ -86,6 +87,8 @@ class TargetModel:
             ``rows`` is ``arange(R)`` (lets the attention op skip the gather).
         slot_span : int
             Host bound of ``rows`` (0: unknown); see :class:`~effdecode.ops.slot_batch.SlotBatch`.
+        host_rows : tuple of np.ndarray, optional
+            Host ``(slots, length bounds)`` of the rows; see :class:`~effdecode.ops.slot_batch.SlotBatch`.
         scores : list of torch.Tensor, optional
             Attention-score buffers of the eviction policy (such forwards run eagerly).
         choose : bool
@@ -124,6 +127,7 @@ class TargetModel:
             rows_are_leading_slots=leading,
             q_full=num_cols == 1,
             slot_span=slot_span,
+            host_rows=host_rows,
         )
         return forward_logits(self.model, cache, batch, input_ids, positions, last_only, scores)
 

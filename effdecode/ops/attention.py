@@ -26,6 +26,7 @@ Layout (the contract every implementation follows):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -310,7 +311,17 @@ def slot_attention_reference(
 
     bound = min(batch.kv_len_bound, k_cache.shape[2])  # a loose bound may pass the capacity
     span = _attended_span(batch, query.shape[0])
-    if batch.rows_are_leading_slots:
+    row_bounds = _row_by_row(batch, bound) if scores_out is None else None
+    if row_bounds is not None:  # lengths far apart: each row over its own keys (views, no padding)
+        mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        per_row = []
+        for i, (slot, length) in enumerate(row_bounds):
+            keys, values = k_cache[slot : slot + 1, :, :length], v_cache[slot : slot + 1, :, :length]
+            per_row.append(
+                _attend(query[i : i + 1], keys, values, mask[i : i + 1, ..., :length], scale, softcap, sinks)
+            )
+        out = torch.cat(per_row)
+    elif batch.rows_are_leading_slots:
         keys = k_cache[: query.shape[0], :, :bound]
         values = v_cache[: query.shape[0], :, :bound]
         mask = _attention_mask(batch, num_cols, sliding_window, bound)
@@ -334,6 +345,31 @@ def slot_attention_reference(
         keys = keys.to(query.dtype)
         _accumulate_scores(query, keys, mask, batch, scale, scores_out, softcap=softcap, sinks=sinks)
     return out.transpose(1, 2)
+
+
+# Attending row by row costs about as much per row as reading this many more keys per row (a call's overhead,
+# measured on a CPU core); below that much padding per row one padded call is cheaper.
+_ROW_BY_ROW_MIN_PADDING = 96
+_ROW_BY_ROW_MAX_ROWS = 64
+
+
+def _row_by_row(batch: SlotBatch, bound: int) -> list[tuple[int, int]] | None:
+    """``(slot, keys)`` per row when attending row by row pays (host facts only), else None.
+
+    One padded call reads ``rows * bound`` keys; row by row reads each row's own (host-bounded) length plus a
+    call's overhead per row. Continuous batching keeps rows of very different lengths together (a refilled
+    slot starts from its prompt), where the padding is most of the keys read.
+    """
+    if batch.host_rows is None:
+        return None
+    slots, bounds = batch.host_rows
+    num_rows = len(slots)
+    if num_rows > _ROW_BY_ROW_MAX_ROWS:
+        return None
+    lengths = np.minimum(bounds, bound)
+    if num_rows * bound - int(lengths.sum()) < _ROW_BY_ROW_MIN_PADDING * num_rows:
+        return None
+    return list(zip(slots.tolist(), lengths.tolist(), strict=True))
 
 
 def _attended_span(batch: SlotBatch, num_rows: int) -> int:

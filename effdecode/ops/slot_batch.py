@@ -37,6 +37,10 @@ class SlotBatch:
         Host-side bound: every row's slot is below it (0: unknown). When the rows fill most of the leading
         ``slot_span`` slots (continuous batching refills freed slots, in any order), the torch path attends
         over that view of the cache instead of gathering the rows' keys and values every layer.
+    host_rows : tuple of np.ndarray, optional
+        Host-side ``(slots [B], bounds [B])``: each row's slot and an upper bound of its cache length after
+        the forward. Where rows' lengths differ much (continuous batching), the torch path then attends row
+        by row over each row's own length instead of padding every row to ``kv_len_bound``.
     """
 
     rows: torch.Tensor
@@ -47,5 +51,6 @@ class SlotBatch:
     rows_are_leading_slots: bool = False
     q_full: bool = False
     slot_span: int = 0
+    host_rows: tuple | None = None
     # Derived tensors shared by all layers of the step (write indices, masks); filled on first use.
     derived: dict = field(default_factory=dict)
