@@ -279,3 +279,29 @@ def test_only_drafting_rows_run_the_draft_model(monkeypatch):
     assert torch.equal(out.sequences, expected)
     assert seen_rows and max(seen_rows) == 2
     assert out.stats.proposed_draft_tokens[2:] == [0, 0] and sum(out.stats.accepted_draft_tokens[:2]) > 0
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "weak"])
+def test_kv_bound_does_not_drift_with_rejected_drafts(drafter, monkeypatch):
+    """The host bound the attention pads to stays within one step's columns of the rows' true lengths: the
+    bounds count every fed column, then the step's kept counts correct them (rejected drafts would otherwise
+    pile up as padding, step after step)."""
+    from effdecode.generation.target import TargetModel
+
+    model = tiny_model("llama", torch.float64, seed=5)
+    input_ids, mask = repetitive_prompts(3, 10, seed=5)
+    slack = []
+    original = TargetModel.forward
+
+    def recording(self, rows, input_ids, positions, q_lens, kv_bound, *args, **kwargs):
+        true_bound = int((self.cache.cache_lens[rows.long()] + q_lens).max())
+        slack.append((kv_bound - true_bound, input_ids.shape[1]))
+        return original(self, rows, input_ids, positions, q_lens, kv_bound, *args, **kwargs)
+
+    monkeypatch.setattr(TargetModel, "forward", recording)
+    out = effdecode.generate(
+        model, input_ids, attention_mask=mask, max_new_tokens=40, return_dict_in_generate=True,
+        **drafter_kwargs(drafter, model),
+    )  # fmt: skip
+    assert sum(out.stats.proposed_draft_tokens) > sum(out.stats.accepted_draft_tokens)  # some were rejected
+    assert all(0 <= extra < width for extra, width in slack), slack

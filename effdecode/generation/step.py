@@ -117,6 +117,7 @@ class DecodeCall:
         self.stats = GenerationStats(kv_peak_bytes=nbytes, slots=slots)
         self.rows_stats = RowStats(batch_size, model.device, self)
         self.bounds = np.zeros(slots, dtype=np.int64)  # host bounds of each slot's cache length
+        self.planned_cols = 1  # columns the last plan fed each row (what the bounds assumed kept)
         self.step_rows = 0  # rows of the step's forward; the rows after them joined from a prefill
         self.last_tokens: torch.Tensor | None = None  # [R] each row's token to feed next
         self.triggered_host: np.ndarray | None = None  # [R] trigger lengths (DEER) from the last sync
@@ -300,6 +301,12 @@ class DecodeCall:
         kept_host = next(synced) if self.compression is not None or self.drafting is not None else None
         if self.drafting is not None:
             self.drafting.after_sync(int(kept_host.sum()), len(kept_host))
+            if self.thinking is None and self.compression is None and self.step_rows:
+                # The step's rows kept ``kept`` of the ``planned_cols`` entries their bounds counted (rejected
+                # drafts are rolled back): the bounds stay exact instead of drifting by the rejected drafts,
+                # which would make the torch attention read them as padding.
+                step = self.step_rows
+                self.bounds[state.rows_host[:step]] += kept_host[:step] - self.planned_cols
         decided = None
         if self.deer:
             self.triggered_host, confident_host = next(synced), next(synced).astype(bool)
@@ -410,7 +417,8 @@ class DecodeCall:
             plan.scores, plan.kv_bound = self.compression.step_scores(
                 state.rows_host, num_cols, num_cols == 1
             )
-        self.bounds[state.rows_host] += num_cols
+        self.bounds[state.rows_host] += num_cols  # as if every column stays; _sync corrects it
+        self.planned_cols = num_cols
         if self.compression is None:
             plan.kv_bound = int(self.bounds[state.rows_host].max())
         return plan
