@@ -49,3 +49,15 @@ def test_the_fuzz_reports_a_wrong_token(monkeypatch):
     monkeypatch.setattr(logits_module.LogitsPipeline, "choose", off_by_one)
     failures, _ = run_case(case)
     assert [f.check for f in failures] == ["hf"]
+
+
+@pytest.mark.xfail(strict=True, reason="open: ngram speculation + DEER + snapkv differ from plain (36001912)")
+def test_known_open_case_speculation_deer_snapkv():
+    """Found by the fuzz on 2026-12-01 and not fixed yet (it predates continuous batching): each pair of the
+    three features agrees with plain decoding, all three together do not. Strict, so a fix makes it fail here
+    and the marker must go."""
+    case = make_case(36001912)
+    assert case.speculation is not None and case.decode["kv_policy"] == "snapkv"
+    assert case.decode["early_exit"] == "deer"
+    failures, _ = run_case(case)
+    assert failures == []
