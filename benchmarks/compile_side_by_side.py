@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from device_info import environment  # noqa: E402
+from test_continuous_batching import until_eos  # noqa: E402
 from test_e2e_compile import NEW_TOKENS, PROMPT_LEN, build_qwen2  # noqa: E402
 
 import effdecode  # noqa: E402
@@ -144,10 +145,6 @@ def _reasoner_prompts(n: int):
     return model, tokenizer, prompts
 
 
-def _until_eos(row: list[int], eos: int) -> list[int]:
-    return row[: row.index(eos) + 1] if eos in row else row
-
-
 def eval_workload(rounds: int, n: int, slots: int, max_new_tokens: int) -> list[dict]:
     """``effdecode eval``'s engine (``generate_batch``, ``slots`` slots; eager and compiled) against HF
     ``generate`` in static batches of ``slots``, interleaved rounds; every engine's tokens must agree."""
@@ -166,7 +163,7 @@ def eval_workload(rounds: int, n: int, slots: int, max_new_tokens: int) -> list[
             )
             seconds += time.perf_counter() - started
             rows = out[:, input_ids.shape[1] :].tolist()
-            tokens += [_until_eos(row, tokenizer.eos_token_id) for row in rows]
+            tokens += [until_eos(row, tokenizer.eos_token_id) for row in rows]
         return tokens, seconds
 
     def batch(compile: bool):

@@ -96,7 +96,8 @@ def _chunks(work: Workload):
         yield work.prompts[start : start + work.width]
 
 
-def _until_eos(row: list[int], eos: int) -> list[int]:
+def until_eos(row: list[int], eos: int) -> list[int]:
+    """``row`` up to and including its first ``eos`` (all of it without one)."""
     return row[: row.index(eos) + 1] if eos in row else row
 
 
@@ -165,7 +166,7 @@ def hf_static(work: Workload) -> Run:
             input_ids, attention_mask=mask, max_new_tokens=work.max_new_tokens, do_sample=False, **work.ids
         )
         seconds += time.perf_counter() - started
-        tokens += [_until_eos(row, eos) for row in out[:, input_ids.shape[1] :].tolist()]
+        tokens += [until_eos(row, eos) for row in out[:, input_ids.shape[1] :].tolist()]
     return Run(tokens, seconds, work.width)
 
 

@@ -91,36 +91,52 @@ def test_leading_slot_rows_use_the_same_math():
         torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["plain", "window", "softcap", "sinks"])
-@pytest.mark.parametrize("num_cols", [1, 3])
-def test_slot_span_view_gives_the_gathers_outputs_and_scores(variant, num_cols, fresh_seed):
-    """Reading the leading slots through a view (rows scattered into them, in any order, some slots unused)
-    gives what gathering the rows gives: outputs, cache writes and attention scores."""
-    slots, kv_heads, capacity, head_dim, batch = 7, 2, 20, 8, 5
-    rows = torch.randperm(slots)[:batch].to(torch.int32)
-    span = int(rows.max()) + 1
-    cache_lens = torch.randint(0, 14, (slots,), dtype=torch.int32)
-    q_lens = torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32)
-    query = torch.randn(batch, kv_heads * 2, num_cols, head_dim, dtype=torch.float64)
-    key = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
-    value = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
-    k_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
-    v_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
+def _random_step(variant: str, num_cols: int, capacity: int, max_len: int) -> dict:
+    """A random step of 5 rows in 7 slots (any order), ragged query widths, and the variant's extra
+    arguments: everything ``slot_attention_reference`` takes but the batch description."""
+    slots, kv_heads, head_dim, batch = 7, 2, 8, 5
     extra = {
         "plain": {},
         "window": {"sliding_window": 4},
         "softcap": {"softcap": 2.0},
         "sinks": {"sinks": torch.randn(kv_heads * 2, dtype=torch.float64)},
     }[variant]
+    return dict(
+        rows=torch.randperm(slots)[:batch].to(torch.int32),
+        cache_lens=torch.randint(0, max_len, (slots,), dtype=torch.int32),
+        q_lens=torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32),
+        query=torch.randn(batch, kv_heads * 2, num_cols, head_dim, dtype=torch.float64),
+        key=torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64),
+        value=torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64),
+        k_cache=torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64),
+        v_cache=torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64),
+        extra=extra,
+    )
+
+
+def _valid_columns(step: dict) -> torch.Tensor:
+    num_cols = step["query"].shape[2]
+    return torch.arange(num_cols)[None, :] >= (num_cols - step["q_lens"])[:, None]
+
+
+@pytest.mark.parametrize("variant", ["plain", "window", "softcap", "sinks"])
+@pytest.mark.parametrize("num_cols", [1, 3])
+def test_slot_span_view_gives_the_gathers_outputs_and_scores(variant, num_cols, fresh_seed):
+    """Reading the leading slots through a view (rows scattered into them, in any order, some slots unused)
+    gives what gathering the rows gives: outputs, cache writes and attention scores."""
+    step = _random_step(variant, num_cols, capacity=20, max_len=14)
+    rows, cache_lens, q_lens = step["rows"], step["cache_lens"], step["q_lens"]
     bound = int((cache_lens[rows.long()] + q_lens).max())
     results = []
-    for slot_span in (0, span):
-        k, v = k_cache.clone(), v_cache.clone()
-        scores = torch.zeros(slots, kv_heads, capacity, dtype=torch.float32)
+    for slot_span in (0, int(rows.max()) + 1):
+        k, v = step["k_cache"].clone(), step["v_cache"].clone()
+        scores = torch.zeros(*k.shape[:3], dtype=torch.float32)
         meta = SlotBatch(rows, cache_lens, q_lens, kv_len_bound=bound, slot_span=slot_span)
-        out = slot_attention_reference(query, key, value, k, v, meta, 0.35, scores_out=scores, **extra)
+        out = slot_attention_reference(
+            step["query"], step["key"], step["value"], k, v, meta, 0.35, scores_out=scores, **step["extra"]
+        )
         results.append((out, k, v, scores))
-    valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
+    valid = _valid_columns(step)
     gathered, viewed = results
     torch.testing.assert_close(viewed[0][valid], gathered[0][valid])
     for first, second in zip(gathered[1:], viewed[1:], strict=True):
@@ -135,31 +151,21 @@ def test_row_by_row_attention_gives_the_padded_calls_outputs(variant, num_cols, 
     from effdecode.ops import attention as attention_module
 
     monkeypatch.setattr(attention_module, "_ROW_BY_ROW_MIN_PADDING", 0)  # (the tiny shapes pad little)
-    slots, kv_heads, capacity, head_dim, batch = 7, 2, 40, 8, 5
-    rows = torch.randperm(slots)[:batch].to(torch.int32)
-    cache_lens = torch.randint(0, 30, (slots,), dtype=torch.int32)
-    q_lens = torch.randint(1, num_cols + 1, (batch,), dtype=torch.int32)
-    query = torch.randn(batch, kv_heads * 2, num_cols, head_dim, dtype=torch.float64)
-    key = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
-    value = torch.randn(batch, kv_heads, num_cols, head_dim, dtype=torch.float64)
-    k_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
-    v_cache = torch.randn(slots, kv_heads, capacity, head_dim, dtype=torch.float64)
-    extra = {
-        "plain": {},
-        "window": {"sliding_window": 4},
-        "softcap": {"softcap": 2.0},
-        "sinks": {"sinks": torch.randn(kv_heads * 2, dtype=torch.float64)},
-    }[variant]
+    step = _random_step(variant, num_cols, capacity=40, max_len=30)
+    rows, cache_lens, q_lens = step["rows"], step["cache_lens"], step["q_lens"]
     after = (cache_lens[rows.long()] + q_lens).numpy().astype(np.int64)
-    loose = after + np.random.default_rng(0).integers(0, 3, batch)  # host bounds may be loose
+    loose = after + np.random.default_rng(0).integers(0, 3, len(after))  # host bounds may be loose
     bound = int(loose.max())
     results = []
     for host_rows in (None, (rows.numpy().astype(np.int64), loose)):
-        k, v = k_cache.clone(), v_cache.clone()
+        k, v = step["k_cache"].clone(), step["v_cache"].clone()
         meta = SlotBatch(rows, cache_lens, q_lens, kv_len_bound=bound, host_rows=host_rows)
         assert (attention_module._row_by_row(meta, bound) is None) == (host_rows is None)
-        results.append((slot_attention_reference(query, key, value, k, v, meta, 0.35, **extra), k, v))
-    valid = torch.arange(num_cols)[None, :] >= (num_cols - q_lens)[:, None]
+        out = slot_attention_reference(
+            step["query"], step["key"], step["value"], k, v, meta, 0.35, **step["extra"]
+        )
+        results.append((out, k, v))
+    valid = _valid_columns(step)
     (padded, k1, v1), (row_by_row, k2, v2) = results
     torch.testing.assert_close(row_by_row[valid], padded[valid])
     assert torch.equal(k1, k2) and torch.equal(v1, v2)

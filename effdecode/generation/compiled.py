@@ -42,9 +42,9 @@ Using it from the decode loop (as :mod:`effdecode.generation.target` and :mod:`e
 do): ``decode_cache`` returns the
 model's :class:`~effdecode.generation.graphs.DecodeGraphs` with ``graphs.compile`` set, so
 ``graphs.run(...)`` runs the compiled step unchanged; where :func:`chooses_in_graph` holds,
-``graphs.run_and_choose(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
-skips its own ``process``/``choose`` for it (``graphs.run_and_sample(...)``: logits, warped scores and
-sampled tokens, where :func:`samples_in_graph` holds);
+``graphs.run_and_pick(...)`` returns the logits and the greedy tokens of a q_len-1 step and the loop
+skips its own ``process``/``choose`` for it (with ``sampling``: logits, warped scores and sampled tokens,
+where :func:`samples_in_graph` holds);
 ``stats.compile_time_s`` is the growth of ``graphs.compile_time_s`` over the call.
 
 On CUDA the compiled function is what the step's CUDA graph captures (our own capture, as for eager steps,
@@ -64,6 +64,7 @@ from effdecode.generation.static_experts import experts_configs, traceable_exper
 from effdecode.generation.streams import draw
 from effdecode.hf_attention import STEP_KWARG
 from effdecode.ops import custom_ops
+from effdecode.ops.attention import spread_rows
 from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import SamplingParams, warp_logits
 
@@ -180,10 +181,10 @@ class StaticStepContext:
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         spread = 0 < k_cache.shape[0] <= 2 * batch  # the rows fill most slots (continuous batching)
         if spread:  # every slot through a view, the rows' queries scattered into theirs: no gather
-            q = q.new_zeros((k_cache.shape[0], *q.shape[1:])).index_copy(0, rows, q)
-            unused = torch.zeros_like(mask[:1]).expand(k_cache.shape[0], *mask.shape[1:]).clone()
-            unused[..., 0] = True  # slots without a row see key 0 only (finite, discarded)
-            mask = unused.index_copy(0, rows, mask)
+            slots = k_cache.shape[0]
+            q = spread_rows(q, rows, slots, q.new_zeros(()))
+            # slots without a row see key 0 only (finite, discarded)
+            mask = spread_rows(mask, rows, slots, torch.arange(kv_len, device=mask.device) == 0)
         else:
             keys, values = (
                 keys.index_select(0, rows),

@@ -284,7 +284,7 @@ class DecodeGraphs:
         logits = step.replay()[: rows.shape[0]]
         return logits if tokens.dim() == 1 else logits[:, step.input_ids.shape[1] - tokens.shape[1] :]
 
-    def run_and_choose(
+    def run_and_pick(
         self,
         model,
         rows: torch.Tensor,
@@ -292,43 +292,23 @@ class DecodeGraphs:
         positions: torch.Tensor,
         backend: str,
         kv_bound: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A decode step that also picks each row's greedy token (inside the compiled graph when compiled).
+        sampling: SamplingParams | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """A decode step that also picks each row's token inside its compiled graph.
 
-        ``tokens``/``positions`` int64 ``[B]``; returns (logits ``[B, V]``, tokens int64 ``[B]``, the argmax
-        of the float32 logits), or None if no bucket holds the rows. For greedy decoding without logits
-        processing (nothing between the forward and the argmax).
+        ``tokens``/``positions`` int64 ``[B]``. Greedy (``sampling`` None): the argmax of the float32 logits,
+        for decoding without logits processing. Sampling: the step warps with ``sampling`` and draws from the
+        slots' streams (:attr:`seeds`, :attr:`offsets`, which advance by one draw), for sampling whose only
+        processing is the warpers (``samples_in_graph``). Returns (logits ``[B, V]``, the warped float32
+        scores ``[B, V]`` or None when greedy, tokens int64 ``[B]``), or None if no bucket holds the rows.
         """
-        step = self._load(model, rows, tokens, positions, backend, None, True, kv_bound)
+        step = self._load(model, rows, tokens, positions, backend, None, sampling is None, kv_bound, sampling)
         if step is None:
             return None
-        logits, chosen = step.replay()
+        outputs = step.replay()
+        logits, scores, chosen = outputs if sampling is not None else (outputs[0], None, outputs[1])
         num_rows = rows.shape[0]
-        return logits[:num_rows], chosen[:num_rows]
-
-    def run_and_sample(
-        self,
-        model,
-        rows: torch.Tensor,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        backend: str,
-        sampling: SamplingParams,
-        kv_bound: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A compiled decode step that also warps (``sampling``) and draws each row's token in its graph.
-
-        ``tokens``/``positions`` int64 ``[B]``; the rows draw from their slots' streams (:attr:`seeds`,
-        :attr:`offsets`, which advance by one draw). Returns (logits ``[B, V]``, warped float32 scores
-        ``[B, V]``, tokens int64 ``[B]``), or None if steps are not compiled or no bucket holds the rows. For
-        sampling whose only logits processing is the warpers (``samples_in_graph``).
-        """
-        step = self._load(model, rows, tokens, positions, backend, None, False, kv_bound, sampling)
-        if step is None:
-            return None
-        logits, scores, chosen = step.replay()
-        num_rows = rows.shape[0]
-        return logits[:num_rows], scores[:num_rows], chosen[:num_rows]
+        return logits[:num_rows], scores[:num_rows] if scores is not None else None, chosen[:num_rows]
 
     def _load(
         self, model, rows, tokens, positions, backend, q_lens, choose: bool, kv_bound: int | None,

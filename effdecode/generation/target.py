@@ -103,14 +103,11 @@ class TargetModel:
         self.chosen = self.chosen_scores = None
         if self.graphs is not None and scores is None:
             graphs, model, backend = self.graphs, self.model, self.backend
-            if num_cols == 1 and choose and sampling is not None and graphs.compile:
-                out = graphs.run_and_sample(
-                    model, rows, input_ids[:, 0], positions[:, 0], backend, sampling, kv_bound
+            if num_cols == 1 and choose and graphs.compile:
+                out = graphs.run_and_pick(
+                    model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound, sampling
                 )
                 logits, self.chosen_scores, self.chosen = out if out is not None else (None, None, None)
-            elif num_cols == 1 and choose and graphs.compile:
-                out = graphs.run_and_choose(model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound)
-                logits, self.chosen = out if out is not None else (None, None)
             elif num_cols == 1:
                 logits = graphs.run(model, rows, input_ids[:, 0], positions[:, 0], backend, kv_bound=kv_bound)
             else:

@@ -310,39 +310,25 @@ def slot_attention_reference(
     v_cache[slots, :, cache_index] = new_values
 
     bound = min(batch.kv_len_bound, k_cache.shape[2])  # a loose bound may pass the capacity
-    span = _attended_span(batch, query.shape[0])
+    mask = _attention_mask(batch, num_cols, sliding_window, bound)
+    attend = dict(scale=scale, softcap=softcap, sinks=sinks)
     row_bounds = _row_by_row(batch, bound) if scores_out is None and query.device.type == "cpu" else None
+    span = _attended_span(batch, query.shape[0])
+    keys = None
     if row_bounds is not None:  # lengths far apart: each row over its own keys (views, no padding)
-        mask = _attention_mask(batch, num_cols, sliding_window, bound)
-        per_row = []
-        for i, (slot, length) in enumerate(row_bounds):
-            keys, values = k_cache[slot : slot + 1, :, :length], v_cache[slot : slot + 1, :, :length]
-            per_row.append(
-                _attend(query[i : i + 1], keys, values, mask[i : i + 1, ..., :length], scale, softcap, sinks)
-            )
-        out = torch.cat(per_row)
-    elif batch.rows_are_leading_slots:
-        keys = k_cache[: query.shape[0], :, :bound]
-        values = v_cache[: query.shape[0], :, :bound]
-        mask = _attention_mask(batch, num_cols, sliding_window, bound)
-        out = _attend(query, keys, values, mask, scale, softcap, sinks)
-    elif span:  # the leading slots as a view, the rows' queries scattered into them: no gather of keys
+        out = _attend_row_by_row(query, k_cache, v_cache, mask, row_bounds, **attend)
+    elif span:  # the leading slots as a view, the rows' queries scattered into them: no gather
         rows = batch.rows.long()
-        keys, values = k_cache[:span, :, :bound], v_cache[:span, :, :bound]
         spread = query.new_zeros((span, *query.shape[1:])).index_copy_(0, rows, query)
         span_mask = _span_mask(batch, num_cols, sliding_window, bound, span)
-        out = _attend(spread, keys, values, span_mask, scale, softcap, sinks).index_select(0, rows)
-        if scores_out is not None:
-            keys = keys.index_select(0, rows)
-            mask = _attention_mask(batch, num_cols, sliding_window, bound)
+        out = _attend(spread, k_cache[:span, :, :bound], v_cache[:span, :, :bound], span_mask, **attend)
+        out = out.index_select(0, rows)
     else:
-        keys = k_cache[:, :, :bound].index_select(0, batch.rows)
-        values = v_cache[:, :, :bound].index_select(0, batch.rows)
-        mask = _attention_mask(batch, num_cols, sliding_window, bound)
-        out = _attend(query, keys, values, mask, scale, softcap, sinks)
+        keys, values = _rows_entries(k_cache, batch, bound), _rows_entries(v_cache, batch, bound)
+        out = _attend(query, keys, values, mask, **attend)
     if scores_out is not None:
         # Separate from the output's computation so that the output is the same with or without scores.
-        keys = keys.to(query.dtype)
+        keys = (keys if keys is not None else _rows_entries(k_cache, batch, bound)).to(query.dtype)
         _accumulate_scores(query, keys, mask, batch, scale, scores_out, softcap=softcap, sinks=sinks)
     return out.transpose(1, 2)
 
@@ -373,6 +359,42 @@ def _row_by_row(batch: SlotBatch, bound: int) -> list[tuple[int, int]] | None:
     return list(zip(slots.tolist(), lengths.tolist(), strict=True))
 
 
+def _rows_entries(cache: torch.Tensor, batch: SlotBatch, bound: int) -> torch.Tensor:
+    """``[B, kv_heads, bound, D]``: the first ``bound`` entries of the rows' slots of one cache (a view when
+    the rows are the leading slots, else a gather)."""
+    if batch.rows_are_leading_slots:
+        return cache[: batch.rows.shape[0], :, :bound]
+    return cache[:, :, :bound].index_select(0, batch.rows)
+
+
+def _attend_row_by_row(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    mask: torch.Tensor,
+    row_bounds: list[tuple[int, int]],
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_attend` one row at a time over its slot's first ``length`` entries (``row_bounds``: ``(slot,
+    length)`` per row of ``query``), through views of the cache."""
+    per_row = []
+    for i, (slot, length) in enumerate(row_bounds):
+        keys, values = k_cache[slot : slot + 1, :, :length], v_cache[slot : slot + 1, :, :length]
+        per_row.append(
+            _attend(query[i : i + 1], keys, values, mask[i : i + 1, ..., :length], scale, softcap, sinks)
+        )
+    return torch.cat(per_row)
+
+
+def spread_rows(values: torch.Tensor, rows: torch.Tensor, span: int, fill: torch.Tensor) -> torch.Tensor:
+    """``[span, ...]``: ``values[j]`` at slot ``rows[j]`` (int64 ``[B]``), ``fill`` (broadcast to one slot's
+    shape) at the other slots. Pure torch ops, so a compiled step traces it too."""
+    spread = fill.expand(span, *values.shape[1:]).clone()
+    return spread.index_copy(0, rows, values)
+
+
 def _attended_span(batch: SlotBatch, num_rows: int) -> int:
     """How many leading slots the torch path attends over instead of gathering the rows (0: gather).
 
@@ -392,9 +414,8 @@ def _span_mask(
     key = ("span_mask", num_cols, sliding_window, bound, span)
     if key not in batch.derived:
         mask = _attention_mask(batch, num_cols, sliding_window, bound)
-        spread = torch.zeros((span, *mask.shape[1:]), dtype=torch.bool, device=mask.device)
-        spread[..., 0] = True
-        batch.derived[key] = spread.index_copy_(0, batch.rows.long(), mask)
+        key_zero_only = torch.arange(bound, device=mask.device) == 0
+        batch.derived[key] = spread_rows(mask, batch.rows.long(), span, key_zero_only)
     return batch.derived[key]
 
 
