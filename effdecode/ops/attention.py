@@ -349,14 +349,15 @@ def _row_by_row(batch: SlotBatch, bound: int) -> list[tuple[int, int]] | None:
     """
     if batch.host_rows is None:
         return None
-    slots, bounds = batch.host_rows
-    num_rows = len(slots)
-    if num_rows > _ROW_BY_ROW_MAX_ROWS:
-        return None
-    lengths = np.minimum(bounds, bound)
-    if num_rows * bound - int(lengths.sum()) < _ROW_BY_ROW_MIN_PADDING * num_rows:
-        return None
-    return list(zip(slots.tolist(), lengths.tolist(), strict=True))
+    key = ("row_by_row", bound)  # (decided once per forward, not per layer)
+    if key not in batch.derived:
+        slots, bounds = batch.host_rows
+        num_rows = len(slots)
+        lengths = np.minimum(bounds, bound)
+        pays = num_rows <= _ROW_BY_ROW_MAX_ROWS
+        pays = pays and num_rows * bound - int(lengths.sum()) >= _ROW_BY_ROW_MIN_PADDING * num_rows
+        batch.derived[key] = list(zip(slots.tolist(), lengths.tolist(), strict=True)) if pays else None
+    return batch.derived[key]
 
 
 def _rows_entries(cache: torch.Tensor, batch: SlotBatch, bound: int) -> torch.Tensor:
