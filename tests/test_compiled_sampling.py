@@ -126,6 +126,7 @@ def test_compiled_sampling_equals_eager_streams_without_recompiling(model):
     assert _graph_breaks() == breaks
     assert _compiled_graphs() - graphs_before == len(steps)  # each step compiled exactly once
     assert sum(step.compiled.calls for step in steps.values()) >= 20  # ... then replayed
+    assert all(step.compiled.direct_kinds == {"sample"} for step in steps.values())  # without dynamo
     assert first.stats.compile_time_s > 0
 
     second = _sample(model, ids, mask, 2, 22, DecodeConfig(compile=True))
@@ -170,6 +171,7 @@ def test_compiled_sampling_with_speculation(model):
     steps = graphs_of(model).steps
     verify = [step for key, step in steps.items() if key[0] == 1 and key[1] > 1]
     assert verify and all(step.compiled.calls > 0 for step in verify)
+    assert all(step.compiled.direct_kinds == {"logits"} for step in verify)
 
 
 class _BanToken(LogitsProcessor):

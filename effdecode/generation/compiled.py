@@ -13,9 +13,9 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   real row ever holds (a cache has a slot more than its largest bucket), so a padding row leaves its slot
   as it was), and the key range is the step's KV bucket (masked by each row's own length).
 - KV buckets: a step attends over the first ``kv_len`` entries of each slot, ``kv_len`` one of a few buckets
-  of the capacity (:func:`kv_bucket_for`: capacity / 8, / 4, / 2 and the capacity itself), chosen on the host
+  of the capacity (:func:`kv_bucket_for`: the multiples of capacity / 8), chosen on the host
   from the loop's bound of the rows' lengths. Early steps of a long generation then do not pay for the whole
-  capacity; each bucket is its own compiled step (at most four per row bucket and width, none after warm-up).
+  capacity; each bucket is its own compiled step (at most eight per row bucket and width, none after warm-up).
 - Attention itself is either our custom op (``effdecode::slot_attention``, or its ``triton_op`` twin on CUDA,
   see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
   inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
@@ -36,7 +36,9 @@ every call, so nothing recompiles in steady state; the steps are compiled withou
 has guard filters), and :class:`~effdecode.generation.graphs.DecodeGraphs` drops them when the model's weights
 change. Each (bucket, q_len, KV bucket, choice) gets its own code object, hence its own dynamo cache entry,
 so the recompile limit never falls back to eager. MoE layers trace as transformers' ``batched_mm`` experts
-(:mod:`effdecode.generation.static_experts`).
+(:mod:`effdecode.generation.static_experts`). After its first call a step skips dynamo altogether: it calls
+the inductor graph with the tensors it is bound to (:mod:`effdecode.generation.direct_graph`; dynamo's
+entry, which fetches every weight through module attributes, was a quarter of a tiny model's step on CPU).
 
 Using it from the decode loop (as :mod:`effdecode.generation.target` and :mod:`effdecode.generation.step`
 do): ``decode_cache`` returns the
@@ -60,6 +62,7 @@ import types
 
 import torch
 
+from effdecode.generation.direct_graph import CapturingInductor, DirectGraph
 from effdecode.generation.static_experts import experts_configs, traceable_experts
 from effdecode.generation.streams import draw
 from effdecode.hf_attention import STEP_KWARG
@@ -286,42 +289,44 @@ class CompiledStep:
             return logits, scores, tokens
 
         tag = f"effdecode_step_b{bucket}_t{num_cols}_kv{kv_len}"
-        options = dict(fullgraph=True, dynamic=False, options=inductor_options(device))
-        if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters exist (torch >= 2.8)
-            # No guards at all: every call passes the same static tensors, model and closure, and whatever
-            # could change an input's or a weight's shape, dtype or device (another cache, model.to, resized
-            # embeddings) makes DecodeGraphs drop its steps first (``weights_signature``). Evaluating the
-            # guards of a whole HF forward costs more per step than a layer of the compiled model.
-            options["options"]["guard_filter_fn"] = _no_guards
-        self._forward = torch.compile(_unique_function(forward, tag), **options)
-        choose_function = _unique_function(forward_and_choose, tag + "_choose")
-        self._forward_and_choose = torch.compile(choose_function, **options)
-        self._forward_and_sample = None
+        functions = {"logits": (forward, ""), "choose": (forward_and_choose, "_choose")}
         if sampling is not None:  # (the warpers are in the closure: each SamplingParams its own step)
-            sample_function = _unique_function(forward_and_sample, tag + "_sample")
-            self._forward_and_sample = torch.compile(sample_function, **options)
+            functions["sample"] = (forward_and_sample, "_sample")
+        self._backends = {kind: CapturingInductor(inductor_options(device)) for kind in functions}
+        self._functions = {
+            kind: _compile(_unique_function(function, tag + suffix), self._backends[kind])
+            for kind, (function, suffix) in functions.items()
+        }
+        # After its first call, each kind runs its compiled graph directly (``direct_graph``) where it can.
+        self._direct: dict[str, DirectGraph | None] = {}
         self.sampling = sampling
         self._args = (
             self.input_ids, self.positions, self.rows, self.q_lens, cache.cache_lens, cache.key_buffer,
             cache.value_buffer,
         )  # fmt: skip
         self._streams = tuple(streams) if streams is not None else ()
-        self._warm: set[str] = set()
         # MoE layers trace as transformers' batched_mm experts; the setting holds on every call, as dynamo's
         # guards on it (kept by the tensor-guard filter too) would otherwise recompile with the eager experts.
         self._experts = experts_configs(model)
 
+    @property
+    def direct_kinds(self) -> set[str]:
+        """The kinds of call ("logits", "choose", "sample") that run their compiled graph without dynamo."""
+        return {kind for kind, graph in self._direct.items() if graph is not None}
+
     def _call(self, kind: str):
-        if kind == "sample":
-            function, args = self._forward_and_sample, self._args + self._streams
-        else:
-            function, args = (self._forward_and_choose if kind == "choose" else self._forward), self._args
-        if kind not in self._warm:  # the first call compiles: timed, reported apart from decoding
+        direct = self._direct.get(kind)
+        if direct is not None:
+            self.calls += 1
+            return direct()
+        function = self._functions[kind]
+        args = self._args + self._streams if kind == "sample" else self._args
+        if kind not in self._direct:  # the first call compiles: timed, reported apart from decoding
             started = time.perf_counter()
             with traceable_experts(self._experts):
                 result = function(*args)
             self.compile_time_s += time.perf_counter() - started
-            self._warm.add(kind)
+            self._direct[kind] = self._backends[kind].direct(result)
             return result
         self.calls += 1
         if self._experts:
@@ -341,9 +346,21 @@ class CompiledStep:
         """(logits ``[bucket, V]``, warped float32 scores ``[bucket, V]``, sampled tokens int64 ``[bucket]``)
         of a q_len-1 sampling step, one compiled call; the rows' stream offsets advance by one (padding rows'
         stay)."""
-        if self._forward_and_sample is None:
+        if "sample" not in self._functions:
             raise RuntimeError("this compiled step was built without sampling parameters")
         return self._call("sample")
+
+
+def _compile(function, backend: CapturingInductor):
+    """``torch.compile(function)``: full graph, static shapes, inductor through ``backend``."""
+    options = None
+    if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters exist (torch >= 2.8)
+        # No guards at all: every call passes the same static tensors, model and closure, and whatever
+        # could change an input's or a weight's shape, dtype or device (another cache, model.to, resized
+        # embeddings) makes DecodeGraphs drop its steps first (``weights_signature``). Evaluating the
+        # guards of a whole HF forward costs more per step than a layer of the compiled model.
+        options = {"guard_filter_fn": _no_guards}
+    return torch.compile(function, backend=backend, fullgraph=True, dynamic=False, options=options)
 
 
 def _no_guards(entries: list) -> list[bool]:
@@ -358,26 +375,28 @@ def inductor_options(device: torch.device) -> dict:
     (``cpp_wrapper``) rather than Python: at these tiny per-step costs its Python version is a sizeable share
     of a step. CUDA keeps the default (our CUDA graph replays the kernels without any wrapper).
     """
-    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" and CPP_WRAPPER_ON_CPU else {}
+    # The inputs are the same static buffers and weights on every call: checking their sizes and strides
+    # each call (inductor's default) only costs time.
+    options = {"size_asserts": False}
+    if torch.device(device).type == "cpu" and CPP_WRAPPER_ON_CPU:
+        options["cpp_wrapper"] = True
+    return options
 
 
 CPP_WRAPPER_ON_CPU = False
-KV_BUCKETS = 4  # KV-length buckets per capacity: capacity >> 3, >> 2, >> 1, capacity
+KV_BUCKETS = 8  # KV-length buckets per capacity: the multiples of capacity / 8
 _MIN_KV_BUCKET = 32
 
 
 def kv_bucket_for(kv_bound: int, capacity: int) -> int:
     """The KV bucket of a step whose rows hold at most ``kv_bound`` entries after it.
 
-    The smallest ``capacity >> k`` (``k < KV_BUCKETS``; at least ``_MIN_KV_BUCKET`` unless that is the
-    capacity) holding ``kv_bound``; the capacity past every bucket."""
-    bucket = capacity
-    for shift in range(1, KV_BUCKETS):
-        smaller = capacity >> shift
-        if smaller < max(kv_bound, _MIN_KV_BUCKET):
-            break
-        bucket = smaller
-    return bucket
+    The smallest multiple of ``capacity / KV_BUCKETS`` (of ``_MIN_KV_BUCKET`` where that is larger, unless
+    the capacity is smaller still) holding ``kv_bound``; the capacity past every bucket. Linear rather than
+    power-of-two buckets: attention reads the whole bucket, and with lengths spread over the capacity
+    halving buckets read 1.8x the keys the rows hold (the shipped reasoner's eval), eighths about 1.1x."""
+    step = max(capacity // KV_BUCKETS, min(_MIN_KV_BUCKET, capacity))
+    return min(-(-max(kv_bound, 1) // step) * step, capacity)
 
 
 # The torch implementation of attention inside a compiled step is written inline (traced and fused) rather
