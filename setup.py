@@ -36,7 +36,10 @@ PACKAGES = [
 ]
 PACKAGE_DIR = {"effdecode.kernels": "kernels"}
 # The shipped reasoner models of the arithmetic workload (weights, configs, tokenizer), loaded offline.
-PACKAGE_DATA = {"effdecode.workloads": ["models/*/*.json", "models/*/*.safetensors"]}
+PACKAGE_DATA = {
+    "effdecode.workloads": ["models/*/*.json", "models/*/*.safetensors"],
+    "effdecode.ops": ["*.cpp"],  # C++ kernels built at first use (cpu_decode_attention)
+}
 
 SKIP_ENV = "EFFDECODE_SKIP_CUDA_BUILD"
 CSRC = "csrc"

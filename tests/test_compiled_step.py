@@ -107,6 +107,7 @@ def test_compiled_steps_equal_eager_without_recompiling(model):
     assert _compiled_graphs() - graphs_before == len(steps)  # each step compiled exactly once
     assert sum(step.compiled.calls for step in steps) > 150  # ... and then replayed without compiling
     assert all(step.compiled.direct_kinds == {"choose"} for step in steps)  # ... and without dynamo
+    assert all(step.compiled.cpu_kernel for step in steps)  # attention over each row's own length
     assert first.stats.compile_time_s > 0
     assert first.stats.tokens_per_s > sum(first.stats.new_tokens) / first.stats.wall_time_s
 
@@ -160,6 +161,20 @@ def test_compiled_padding_rows_write_nothing_and_greedy_chooses_in_graph(model):
     steps = graphs_of(model).steps
     assert any("choose" in key for key in steps)  # the greedy choice ran in the compiled step
     assert all(step.compiled is not None for step in steps.values())
+    release_graphs(model)
+
+
+def test_compiled_steps_attend_inline_without_the_cpu_kernel(model, monkeypatch):
+    """With the CPU decode-attention kernel off, one-column steps attend inline over their KV bucket: the same
+    tokens as eager decoding (the kernel's path is the other tests')."""
+    ids, mask = ragged_prompts(3, 9, seed=8)
+    eager = _generate(model, ids, mask, False, 40)
+    release_graphs(model)
+    monkeypatch.setattr(compiled, "CPU_DECODE_KERNEL", False)
+    out = _generate(model, ids, mask, True, 40)
+    assert torch.equal(out.sequences, eager.sequences)
+    steps = [step.compiled for step in graphs_of(model).steps.values()]
+    assert steps and not any(step.cpu_kernel for step in steps)
     release_graphs(model)
 
 

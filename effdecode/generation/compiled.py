@@ -66,7 +66,7 @@ from effdecode.generation.direct_graph import CapturingInductor, DirectGraph
 from effdecode.generation.static_experts import experts_configs, traceable_experts
 from effdecode.generation.streams import draw
 from effdecode.hf_attention import STEP_KWARG
-from effdecode.ops import custom_ops
+from effdecode.ops import cpu_decode_attention, custom_ops
 from effdecode.ops.attention import spread_rows
 from effdecode.ops.backend import resolve_backend
 from effdecode.ops.sampling import SamplingParams, warp_logits
@@ -96,11 +96,14 @@ class StaticStepContext:
     kv_len : int, optional
         Keys attended: the first ``kv_len`` entries of each row's slot, a bound of every row's
         ``cache_lens + q_lens`` (default: the whole capacity).
+    cpu_kernel : bool
+        One-column steps attend through :mod:`effdecode.ops.cpu_decode_attention` where it takes the
+        tensors (each row over its own length instead of the whole ``kv_len``).
     """
 
     def __init__(
         self, key_buffer, value_buffer, rows, cache_lens, q_lens, scratch: int, backend: str, resolved: str,
-        inline: bool, kv_len: int | None = None,
+        inline: bool, kv_len: int | None = None, cpu_kernel: bool = False,
     ) -> None:  # fmt: skip
         self.key_buffer = key_buffer
         self.value_buffer = value_buffer
@@ -112,8 +115,13 @@ class StaticStepContext:
         self.resolved = resolved
         self.inline = inline
         self.kv_len = key_buffer.shape[3] if kv_len is None else kv_len
+        self.cpu_kernel = cpu_kernel
         self._plan: tuple | None = None
         self._masks: dict = {}
+
+    def _cpu_kernel(self, query: torch.Tensor) -> bool:
+        """Whether a one-column step attends through :mod:`effdecode.ops.cpu_decode_attention`."""
+        return self.cpu_kernel and cpu_decode_attention.supports(query, self.key_buffer)
 
     def _write_plan(self, num_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(write slots, write indices, query cache indices, valid), each ``[B, T]``."""
@@ -174,11 +182,16 @@ class StaticStepContext:
         where = (layers[:, :, None], slots[:, :, None], heads[None, None, :], write_index[:, :, None])
         self.key_buffer.index_put_(where, key.transpose(1, 2).to(self.key_buffer.dtype))
         self.value_buffer.index_put_(where, value.transpose(1, 2).to(self.value_buffer.dtype))
-        # Gathered rows and matrix products: written as fused products-and-sums instead, inductor would
-        # recompute the query's RoPE once per key.
         rows = self.rows.long()
         group = q_heads // kv_heads
         q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
+        if num_cols == 1 and not softcap and sinks is None and sliding_window is None and self._cpu_kernel(q):
+            # Each row over its own length (after the append), read in place: no bucket-wide reads.
+            lens = (self.cache_lens.index_select(0, rows) + self.q_lens).to(torch.int32)
+            out = torch.ops.effdecode.cpu_decode_attention(q, k_cache, v_cache, self.rows, lens, scale)
+            return out.reshape(batch, 1, q_heads, head_dim)  # [B, T, q_heads, D]
+        # Gathered rows and matrix products: written as fused products-and-sums instead, inductor would
+        # recompute the query's RoPE once per key.
         mask = self._mask(num_cols, kv_len, sliding_window)
         # Only the step's KV bucket: the first kv_len entries (every key a live row may see).
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
@@ -255,14 +268,19 @@ class CompiledStep:
         self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
         resolved = resolve_backend(backend, device, has_cuda_op=False, has_triton_op=True)
         inline = resolved == "torch" and INLINE_TORCH_ATTENTION
+        # (built here, before tracing: dynamo cannot trace the build)
+        cpu_kernel = inline and device.type == "cpu" and CPU_DECODE_KERNEL
+        cpu_kernel = cpu_kernel and cpu_decode_attention.kernel_available()
+        self.cpu_kernel = cpu_kernel
         last_only = num_cols == 1
         self.compile_time_s = 0.0
         self.calls = 0
 
         def forward(input_ids, positions, rows, q_lens, cache_lens, key_buffer, value_buffer):
             context = StaticStepContext(
-                key_buffer, value_buffer, rows, cache_lens, q_lens, scratch, backend, resolved, inline, kv_len
-            )
+                key_buffer, value_buffer, rows, cache_lens, q_lens, scratch, backend, resolved, inline,
+                kv_len, cpu_kernel,
+            )  # fmt: skip
             outputs = model(
                 input_ids=input_ids,
                 position_ids=positions,
@@ -402,6 +420,9 @@ def kv_bucket_for(kv_bound: int, capacity: int) -> int:
 # The torch implementation of attention inside a compiled step is written inline (traced and fused) rather
 # than called as the opaque custom op; tests switch it off to check the custom op path compiles too.
 INLINE_TORCH_ATTENTION = True
+# On the CPU a one-column step attends through the C++ kernel over each row's own length (tests switch it off
+# to check the inline attention).
+CPU_DECODE_KERNEL = True
 
 
 def _only_warpers(request) -> bool:
