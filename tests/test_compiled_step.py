@@ -100,9 +100,8 @@ def test_compiled_steps_equal_eager_without_recompiling(model):
     buckets = sorted((step.compiled.bucket, step.compiled.kv_len) for step in steps)
     assert len(set(buckets)) == len(buckets)
     assert len({b for b, _ in buckets}) >= 2  # rows left: smaller row buckets took over
-    kv_lens = {kv for _, kv in buckets}
-    longest = ids.shape[1] + max(new_tokens)  # KV buckets grew with the rows, the last just past the longest
-    assert len(kv_lens) >= 3 and max(kv_lens) == kv_bucket_for(longest, runner.cache.capacity)
+    # Attention over each row's own entries (the CPU kernel): no KV buckets, one step per row bucket.
+    assert {kv for _, kv in buckets} == {runner.cache.capacity}
     assert _graph_breaks() == breaks
     assert _compiled_graphs() - graphs_before == len(steps)  # each step compiled exactly once
     assert sum(step.compiled.calls for step in steps) > 150  # ... and then replayed without compiling
@@ -165,16 +164,20 @@ def test_compiled_padding_rows_write_nothing_and_greedy_chooses_in_graph(model):
 
 
 def test_compiled_steps_attend_inline_without_the_cpu_kernel(model, monkeypatch):
-    """With the CPU decode-attention kernel off, one-column steps attend inline over their KV bucket: the same
-    tokens as eager decoding (the kernel's path is the other tests')."""
-    ids, mask = ragged_prompts(3, 9, seed=8)
-    eager = _generate(model, ids, mask, False, 40)
+    """With the CPU decode-attention kernel off, one-column steps attend inline over KV buckets that grow
+    with the rows: the same tokens as eager decoding (the kernel's path is the other tests')."""
+    ids, mask = ragged_prompts(2, 9, seed=8)
+    eager = _generate(model, ids, mask, False, 100, eos_token_id=None)
     release_graphs(model)
     monkeypatch.setattr(compiled, "CPU_DECODE_KERNEL", False)
-    out = _generate(model, ids, mask, True, 40)
+    out = _generate(model, ids, mask, True, 100, eos_token_id=None)
     assert torch.equal(out.sequences, eager.sequences)
-    steps = [step.compiled for step in graphs_of(model).steps.values()]
+    runner = graphs_of(model)
+    steps = [step.compiled for step in runner.steps.values()]
     assert steps and not any(step.cpu_kernel for step in steps)
+    kv_lens = {step.kv_len for step in steps}
+    longest = ids.shape[1] + 100  # the last bucket just holds the longest row
+    assert len(kv_lens) >= 3 and max(kv_lens) == kv_bucket_for(longest, runner.cache.capacity)
     release_graphs(model)
 
 

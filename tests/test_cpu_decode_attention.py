@@ -31,12 +31,23 @@ def _inputs(dtype, batch=5, kv_heads=2, group=2, head_dim=64, slots=9, capacity=
 @pytest.mark.parametrize(
     ("kv_heads", "group", "head_dim"), [(2, 2, 64), (1, 4, 80), (4, 1, 8), (2, 3, 20)]
 )  # vector-width multiples and tails, MHA and GQA
-def test_kernel_matches_reference(dtype, kv_heads, group, head_dim):
+@pytest.mark.parametrize("variant", ["plain", "softcap", "window", "sinks", "all"])
+def test_kernel_matches_reference(dtype, kv_heads, group, head_dim, variant):
     query, keys, values, rows, lens = _inputs(dtype, kv_heads=kv_heads, group=group, head_dim=head_dim)
-    out = cpu_decode_attention(query, keys, values, rows, lens, head_dim**-0.5)
-    expected = cpu_decode_attention_reference(query, keys, values, rows, lens, head_dim**-0.5)
+    options = {}
+    if variant in ("softcap", "all"):
+        options["softcap"] = 1.5  # small enough to cap most logits of these random inputs
+    if variant in ("window", "all"):
+        options["window"] = 17  # shorter than most rows, longer than some
+    if variant in ("sinks", "all"):
+        options["sinks"] = torch.randn(kv_heads * group, dtype=dtype) * 3
+    out = cpu_decode_attention(query, keys, values, rows, lens, head_dim**-0.5, **options)
+    expected = cpu_decode_attention_reference(query, keys, values, rows, lens, head_dim**-0.5, **options)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out, expected, **tolerance)
+    if variant != "plain":  # the option changed the result (the test can tell it was applied)
+        plain = cpu_decode_attention_reference(query, keys, values, rows, lens, head_dim**-0.5)
+        assert not torch.allclose(out, plain, atol=1e-3)
 
 
 def test_each_row_reads_only_its_own_entries():
@@ -92,9 +103,10 @@ def _column_major(cache: torch.Tensor) -> torch.Tensor:
         (lambda q, k, v, r, n: (q, k, v, r, n[:-1]), r"\[B\]"),
         (lambda q, k, v, r, n: (q[:, :1], k, v, r, n), "does not match"),
         (lambda q, k, v, r, n: (q, _column_major(k), v, r, n), "contiguous rows"),
+        (lambda q, k, v, r, n: (q, k, v, r, n, 0.0, 0, torch.zeros(3)), "sinks"),
     ],
 )
 def test_bad_input_is_a_value_error(change, message):
-    inputs = change(*_inputs(torch.float32))
+    query, keys, values, rows, lens, *options = change(*_inputs(torch.float32))
     with pytest.raises(ValueError, match=message):
-        cpu_decode_attention(*inputs, 0.125)
+        cpu_decode_attention(query, keys, values, rows, lens, 0.125, *options)

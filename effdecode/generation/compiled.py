@@ -185,10 +185,13 @@ class StaticStepContext:
         rows = self.rows.long()
         group = q_heads // kv_heads
         q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
-        if num_cols == 1 and not softcap and sinks is None and sliding_window is None and self._cpu_kernel(q):
+        if num_cols == 1 and self._cpu_kernel(q):
             # Each row over its own length (after the append), read in place: no bucket-wide reads.
             lens = (self.cache_lens.index_select(0, rows) + self.q_lens).to(torch.int32)
-            out = torch.ops.effdecode.cpu_decode_attention(q, k_cache, v_cache, self.rows, lens, scale)
+            sinks = sinks.to(q.dtype).contiguous() if sinks is not None else None
+            out = torch.ops.effdecode.cpu_decode_attention(
+                q, k_cache, v_cache, self.rows, lens, scale, float(softcap or 0.0), sliding_window or 0, sinks
+            )
             return out.reshape(batch, 1, q_heads, head_dim)  # [B, T, q_heads, D]
         # Gathered rows and matrix products: written as fused products-and-sums instead, inductor would
         # recompute the query's RoPE once per key.
@@ -268,10 +271,7 @@ class CompiledStep:
         self.q_lens = torch.zeros(bucket, dtype=torch.int32, device=device)
         resolved = resolve_backend(backend, device, has_cuda_op=False, has_triton_op=True)
         inline = resolved == "torch" and INLINE_TORCH_ATTENTION
-        # (built here, before tracing: dynamo cannot trace the build)
-        cpu_kernel = inline and device.type == "cpu" and CPU_DECODE_KERNEL
-        cpu_kernel = cpu_kernel and cpu_decode_attention.kernel_available()
-        self.cpu_kernel = cpu_kernel
+        self.cpu_kernel = cpu_kernel = attends_own_lengths(cache, backend)  # (built before tracing)
         last_only = num_cols == 1
         self.compile_time_s = 0.0
         self.calls = 0
@@ -423,6 +423,21 @@ INLINE_TORCH_ATTENTION = True
 # On the CPU a one-column step attends through the C++ kernel over each row's own length (tests switch it off
 # to check the inline attention).
 CPU_DECODE_KERNEL = True
+
+
+def attends_own_lengths(cache, backend: str) -> bool:
+    """Whether a compiled one-column step on ``cache`` attends through the CPU decode-attention kernel, each
+    row over its own entries (:mod:`effdecode.ops.cpu_decode_attention`; built here on first use, as dynamo
+    cannot trace the build). Such a step reads no KV bucket, so it is compiled once, at the capacity."""
+    device = torch.device(cache.device)
+    if device.type != "cpu" or not (INLINE_TORCH_ATTENTION and CPU_DECODE_KERNEL):
+        return False
+    resolved = resolve_backend(backend, device, has_cuda_op=False, has_triton_op=True)
+    return (
+        resolved == "torch"
+        and cache.dtype in cpu_decode_attention.DTYPES
+        and (cpu_decode_attention.kernel_available())
+    )
 
 
 def _only_warpers(request) -> bool:

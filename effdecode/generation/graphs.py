@@ -35,7 +35,7 @@ import warnings
 import torch
 
 from effdecode.cache import KVGeometry, SlotKVCache
-from effdecode.generation.compiled import CompiledStep, kv_bucket_for
+from effdecode.generation.compiled import CompiledStep, attends_own_lengths, kv_bucket_for
 from effdecode.generation.steps import forward_logits
 from effdecode.ops.attention import SlotBatch
 from effdecode.ops.sampling import SamplingParams
@@ -180,6 +180,7 @@ class DecodeGraphs:
         # slot-indexed static buffers, made with the cache, filled by each call's LogitsPipeline.
         self.seeds: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
+        self._attends_own_lengths: dict[str, bool] = {}  # per backend, for this cache (attends_own_lengths)
 
     def cache_for(
         self, model, geometry: KVGeometry, rows: int, capacity: int, dtype: torch.dtype, device
@@ -213,6 +214,13 @@ class DecodeGraphs:
         """Seconds spent compiling the steps alive now (their first calls)."""
         return sum(step.compiled.compile_time_s for step in self.steps.values() if step.compiled is not None)
 
+    def _own_lengths(self, backend: str) -> bool:
+        """``attends_own_lengths`` for this cache, decided once per backend."""
+        known = self._attends_own_lengths
+        if backend not in known:
+            known[backend] = attends_own_lengths(self.cache, backend)
+        return known[backend]
+
     def step(
         self, model, rows: int, num_cols: int, backend: str, choose: bool = False,
         kv_bound: int | None = None, sampling: SamplingParams | None = None,
@@ -230,7 +238,8 @@ class DecodeGraphs:
         kv_len = None
         if self.compile:
             capacity = self.cache.capacity
-            kv_len = kv_bucket_for(capacity if kv_bound is None else kv_bound, capacity)
+            one_bucket = kv_bound is None or num_cols == 1 and self._own_lengths(backend)
+            kv_len = capacity if one_bucket else kv_bucket_for(kv_bound, capacity)
         key = (bucket, num_cols, backend)
         key += (("compiled", kv_len) if self.compile else ()) + (("choose",) if choose else ())
         key += ("sample", sampling) if sampling is not None else ()
@@ -343,6 +352,7 @@ class DecodeGraphs:
     def release(self) -> None:
         """Drop the graphs and the cache (their memory returns to the allocator)."""
         self.steps.clear()
+        self._attends_own_lengths.clear()
         self.cache = None
         self.pool = None
         self.seeds = self.offsets = None

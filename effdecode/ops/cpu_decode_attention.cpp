@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -20,19 +21,25 @@ namespace {
 using at::vec::Vectorized;
 
 // query, out: [batch, kv_heads, group, dim] contiguous. Entry (slot, head, j) of a cache starts at
-// slot * slot_stride + head * head_stride + j * dim (dim contiguous).
+// slot * slot_stride + head * head_stride + j * dim (dim contiguous). softcap > 0 caps the scaled logits
+// (softcap * tanh(logit / softcap)); window > 0 keeps the last `window` entries of a row (a sliding window
+// ending at the query); sinks, if not null, holds a logit per query head ([kv_heads * group]) that joins
+// each softmax with no value behind it.
 template <typename T>
 void decode_attention(const T* query, const T* key_cache, const T* value_cache, const int32_t* rows,
                       const int32_t* lens, T* out, int64_t batch, int64_t kv_heads, int64_t group,
-                      int64_t dim, int64_t slot_stride, int64_t head_stride, double scale, int threads) {
+                      int64_t dim, int64_t slot_stride, int64_t head_stride, double scale, double softcap,
+                      int64_t window, const T* sinks, int threads) {
   using Vec = Vectorized<T>;
   const int64_t width = Vec::size();
   const T scale_t = static_cast<T>(scale);
+  const T cap = static_cast<T>(softcap);
 #pragma omp parallel for num_threads(threads) collapse(2) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t len = lens[b];
-      const int64_t base = rows[b] * slot_stride + h * head_stride;
+      const int64_t first = window > 0 && lens[b] > window ? lens[b] - window : 0;
+      const int64_t len = lens[b] - first;  // entries first .. lens[b] - 1
+      const int64_t base = rows[b] * slot_stride + h * head_stride + first * dim;
       const T* keys = key_cache + base;
       const T* values = value_cache + base;
       const T* q = query + (b * kv_heads + h) * group * dim;
@@ -50,15 +57,19 @@ void decode_attention(const T* query, const T* key_cache, const T* value_cache, 
           for (; d + width <= dim; d += width) acc = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(key + d), acc);
           T dot = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
           for (; d < dim; ++d) dot += qg[d] * key[d];
-          scores[g * len + j] = dot * scale_t;
+          dot *= scale_t;
+          scores[g * len + j] = cap > T(0) ? cap * std::tanh(dot / cap) : dot;
         }
       }
       // Softmax per query, then the weighted sum of the values.
       for (int64_t g = 0; g < group; ++g) {
         T* s = scores.data() + g * len;
-        const T best = at::vec::reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, len);
+        T best = at::vec::reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, len);
+        const T sink = sinks != nullptr ? sinks[h * group + g] : T(0);
+        if (sinks != nullptr && sink > best) best = sink;
         at::vec::map([best](Vec x) { return (x - Vec(best)).exp(); }, s, s, len);
-        const T total = at::vec::reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, s, len);
+        T total = at::vec::reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, s, len);
+        if (sinks != nullptr) total += std::exp(sink - best);
         T* r = result + g * dim;
         for (int64_t j = 0; j < len; ++j) {
           const T* value = values + j * dim;
@@ -75,12 +86,13 @@ void decode_attention(const T* query, const T* key_cache, const T* value_cache, 
 
 }  // namespace
 
-#define EFFDECODE_DECODE_ATTENTION(NAME, T)                                                               \
-  extern "C" void NAME(const T* query, const T* key_cache, const T* value_cache, const int32_t* rows,      \
-                       const int32_t* lens, T* out, int64_t batch, int64_t kv_heads, int64_t group,       \
-                       int64_t dim, int64_t slot_stride, int64_t head_stride, double scale, int threads) { \
-    decode_attention<T>(query, key_cache, value_cache, rows, lens, out, batch, kv_heads, group, dim,      \
-                        slot_stride, head_stride, scale, threads);                                        \
+#define EFFDECODE_DECODE_ATTENTION(NAME, T)                                                              \
+  extern "C" void NAME(const T* query, const T* key_cache, const T* value_cache, const int32_t* rows,     \
+                       const int32_t* lens, T* out, int64_t batch, int64_t kv_heads, int64_t group,      \
+                       int64_t dim, int64_t slot_stride, int64_t head_stride, double scale,              \
+                       double softcap, int64_t window, const T* sinks, int threads) {                    \
+    decode_attention<T>(query, key_cache, value_cache, rows, lens, out, batch, kv_heads, group, dim,     \
+                        slot_stride, head_stride, scale, softcap, window, sinks, threads);               \
   }
 
 EFFDECODE_DECODE_ATTENTION(effdecode_decode_attention_f32, float)

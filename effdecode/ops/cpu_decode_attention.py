@@ -20,9 +20,13 @@ import torch
 
 _SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
 _SYMBOLS = {torch.float32: "effdecode_decode_attention_f32", torch.float64: "effdecode_decode_attention_f64"}
+DTYPES = tuple(_SYMBOLS)  # what the kernel reads and writes
 # query, key_cache, value_cache, rows, lens, out; batch, kv_heads, group, dim, slot and head strides;
-# scale; threads
-_ARGUMENT_TYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_double, ctypes.c_int]
+# scale, softcap; window; sinks; threads
+_ARGUMENT_TYPES = (
+    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_double] * 2
+    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+)  # fmt: skip
 _library: ctypes.CDLL | None = None
 _build_error: str | None = None
 
@@ -63,11 +67,11 @@ def supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
 _LIBRARY = torch.library.Library("effdecode", "FRAGMENT")
 _LIBRARY.define(
     "cpu_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor rows, Tensor lens, "
-    "float scale) -> Tensor"
+    "float scale, float softcap=0., int window=0, Tensor? sinks=None) -> Tensor"
 )
 
 
-def _run_kernel(query, key_cache, value_cache, rows, lens, scale: float) -> torch.Tensor:
+def _run_kernel(query, key_cache, value_cache, rows, lens, scale, softcap=0.0, window=0, sinks=None):
     """The op's CPU implementation (inputs as :func:`cpu_decode_attention` checks them)."""
     if not kernel_available():
         raise RuntimeError(f"the CPU decode-attention kernel is not built: {_build_error}")
@@ -78,13 +82,13 @@ def _run_kernel(query, key_cache, value_cache, rows, lens, scale: float) -> torc
     kernel(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), rows.data_ptr(), lens.data_ptr(),
         out.data_ptr(), batch, kv_heads, group, head_dim, key_cache.stride(0), key_cache.stride(1), scale,
-        torch.get_num_threads(),
+        softcap, window, sinks.data_ptr() if sinks is not None else None, torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def _fake(query, key_cache, value_cache, rows, lens, scale):
-    _check(query, key_cache, value_cache, rows, lens)  # at trace time: a compiled step's inputs are fixed
+def _fake(query, key_cache, value_cache, rows, lens, scale, softcap=0.0, window=0, sinks=None):
+    _check(query, key_cache, value_cache, rows, lens, sinks)  # at trace time: a step's inputs are fixed
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -99,6 +103,9 @@ def cpu_decode_attention(
     rows: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query column per row over the first ``lens[b]`` entries of slot ``rows[b]``.
 
@@ -118,17 +125,26 @@ def cpu_decode_attention(
         int32 ``[B]``, the entries each row attends to (0: the row's output is zeros).
     scale : float
         Softmax scale of the query-key products.
+    softcap : float
+        If > 0, the scaled logits are capped: ``softcap * tanh(logit / softcap)``.
+    window : int
+        If > 0, a sliding window: a row attends to its last ``window`` entries only.
+    sinks : torch.Tensor, optional
+        ``[kv_heads * group]``, the query's dtype: a logit per query head joining its softmax with no value
+        behind it (attention sinks).
 
     Returns
     -------
     torch.Tensor
         ``[B, kv_heads, group, D]``, the query's dtype.
     """
-    _check(query, key_cache, value_cache, rows, lens)
-    return torch.ops.effdecode.cpu_decode_attention(query, key_cache, value_cache, rows, lens, scale)
+    _check(query, key_cache, value_cache, rows, lens, sinks)
+    return torch.ops.effdecode.cpu_decode_attention(
+        query, key_cache, value_cache, rows, lens, scale, softcap, window, sinks
+    )
 
 
-def _check(query, key_cache, value_cache, rows, lens) -> None:
+def _check(query, key_cache, value_cache, rows, lens, sinks=None) -> None:
     """ValueError naming what the kernel cannot read."""
     if not supports(query, key_cache) or value_cache.dtype != query.dtype or value_cache.device.type != "cpu":
         raise ValueError(
@@ -154,15 +170,34 @@ def _check(query, key_cache, value_cache, rows, lens) -> None:
     int32 = rows.dtype == lens.dtype == torch.int32
     if not int32 or not (rows.is_contiguous() and lens.is_contiguous()):
         raise ValueError(f"rows and lens must be contiguous int32; got {rows.dtype} and {lens.dtype}")
+    heads = kv_heads * query.shape[2]
+    if sinks is not None and (
+        sinks.shape != (heads,) or sinks.dtype != query.dtype or not sinks.is_contiguous()
+    ):
+        raise ValueError(
+            f"sinks must be contiguous [{heads}] of {query.dtype}; got {tuple(sinks.shape)} {sinks.dtype}"
+        )
 
 
-def cpu_decode_attention_reference(query, key_cache, value_cache, rows, lens, scale: float) -> torch.Tensor:
+def cpu_decode_attention_reference(
+    query, key_cache, value_cache, rows, lens, scale: float, softcap: float = 0.0, window: int = 0, sinks=None
+) -> torch.Tensor:
     """The torch reference of :func:`cpu_decode_attention` (row by row; for tests)."""
     out = torch.zeros_like(query)
+    kv_heads, group = query.shape[1], query.shape[2]
     for b, (slot, length) in enumerate(zip(rows.tolist(), lens.tolist(), strict=True)):
         if length <= 0:
             continue
-        keys, values = key_cache[slot, :, :length], value_cache[slot, :, :length]  # [kv_heads, L, D]
-        weights = torch.softmax(query[b] @ keys.transpose(-1, -2) * scale, dim=-1)  # [kv_heads, group, L]
+        first = length - window if 0 < window < length else 0
+        keys, values = (
+            key_cache[slot, :, first:length],
+            value_cache[slot, :, first:length],
+        )  # [kv_heads, L, D]
+        logits = query[b] @ keys.transpose(-1, -2) * scale  # [kv_heads, group, L]
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        if sinks is not None:
+            logits = torch.cat([logits, sinks.view(kv_heads, group, 1)], dim=-1)
+        weights = torch.softmax(logits, dim=-1)[..., : length - first]
         out[b] = weights @ values
     return out
