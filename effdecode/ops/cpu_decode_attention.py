@@ -1,8 +1,9 @@
 """Decode attention over each row's own cache length on the CPU: a C++ kernel, compiled at first use.
 
 ``effdecode::cpu_decode_attention`` is what a compiled CPU step's attention layers call for a plain decode
-step (one query column per row, no sliding window, softcap or sinks): row ``b`` attends to the first
-``lens[b]`` entries of slot ``rows[b]``, read in place. The inline attention it replaces reads the step's
+step (one query column per row; logit softcap, sliding window and attention sinks included): row ``b``
+attends to the first ``lens[b]`` entries of slot ``rows[b]`` (its last ``window`` of them, with a window),
+read in place. The inline attention it replaces reads the step's
 whole KV bucket for every row; at decode sizes a CPU's attention is bound by the bytes it reads, and with
 rows of different lengths (continuous batching, rows that finished at different steps) the bucket is up to
 twice what the rows hold. The kernel is ``cpu_decode_attention.cpp`` next to this module, built by
