@@ -16,6 +16,9 @@ model, and freed by ``effdecode.unpatch`` (with the graphs). What makes the HF f
   of the capacity (:func:`kv_bucket_for`: the multiples of capacity / 8), chosen on the host
   from the loop's bound of the rows' lengths. Early steps of a long generation then do not pay for the whole
   capacity; each bucket is its own compiled step (at most eight per row bucket and width, none after warm-up).
+  A one-column step on a CPU reads no bucket (:func:`attends_own_lengths`: the C++ kernel of
+  :mod:`effdecode.ops.cpu_decode_attention` reads each row's own entries), so it is compiled once, at the
+  capacity.
 - Attention itself is either our custom op (``effdecode::slot_attention``, or its ``triton_op`` twin on CUDA,
   see :mod:`effdecode.ops.custom_ops`), or, for the torch implementation, the same math written inline so
   inductor fuses the KV append, the mask and the softmax with the rest of the layer (on CPU the opaque
