@@ -61,3 +61,15 @@ def test_known_open_case_speculation_deer_snapkv():
     assert case.decode["early_exit"] == "deer"
     failures, _ = run_case(case)
     assert failures == []
+
+
+@pytest.mark.xfail(strict=True, reason="open: DEER + snapkv rows together differ from alone (38000245)")
+def test_known_open_case_deer_snapkv_rows_together():
+    """Found by the fuzz on 2026-12-01, not fixed. With DEER probes and snapkv eviction, rows decoded in one
+    batch differ from the same rows decoded one at a time (``max_slots=1``, which agrees with each prompt
+    decoded alone); the shrunk case needs neither speculation nor more than two rows, and passes with
+    streaming instead of snapkv, or without DEER or the KV budget. Likely the same bug as 36001912."""
+    case = make_case(38000245)
+    assert case.decode["kv_policy"] == "snapkv" and case.decode["early_exit"] == "deer"
+    failures, _ = run_case(case)
+    assert failures == []
