@@ -73,3 +73,15 @@ def test_known_open_case_deer_snapkv_rows_together():
     assert case.decode["kv_policy"] == "snapkv" and case.decode["early_exit"] == "deer"
     failures, _ = run_case(case)
     assert failures == []
+
+
+@pytest.mark.xfail(strict=True, reason="open: snapkv rows together differ from one at a time (38002081)")
+def test_known_open_case_snapkv_rows_together():
+    """Found by the fuzz on 2026-12-01, not fixed; it fails on commits before this session's too. Plain
+    decoding with snapkv eviction (no speculation, no thinking control): rows decoded in one batch differ from
+    the same rows decoded one at a time (``max_slots=1``). The shrunk case (two rows) passes with h2o or
+    streaming instead of snapkv, or without a KV budget: snapkv's observation window is the suspect."""
+    case = make_case(38002081)
+    assert case.decode["kv_policy"] == "snapkv" and case.speculation is None
+    failures, _ = run_case(case)
+    assert failures == []
