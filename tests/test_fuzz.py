@@ -51,37 +51,15 @@ def test_the_fuzz_reports_a_wrong_token(monkeypatch):
     assert [f.check for f in failures] == ["hf"]
 
 
-@pytest.mark.xfail(strict=True, reason="open: ngram speculation + DEER + snapkv differ from plain (36001912)")
-def test_known_open_case_speculation_deer_snapkv():
-    """Found by the fuzz on 2026-12-01 and not fixed yet (it predates continuous batching): each pair of the
-    three features agrees with plain decoding, all three together do not. Strict, so a fix makes it fail here
-    and the marker must go."""
-    case = make_case(36001912)
-    assert case.speculation is not None and case.decode["kv_policy"] == "snapkv"
-    assert case.decode["early_exit"] == "deer"
-    failures, _ = run_case(case)
-    assert failures == []
-
-
-@pytest.mark.xfail(strict=True, reason="open: DEER + snapkv rows together differ from alone (38000245)")
-def test_known_open_case_deer_snapkv_rows_together():
-    """Found by the fuzz on 2026-12-01, not fixed. With DEER probes and snapkv eviction, rows decoded in one
-    batch differ from the same rows decoded one at a time (``max_slots=1``, which agrees with each prompt
-    decoded alone); the shrunk case needs neither speculation nor more than two rows, and passes with
-    streaming instead of snapkv, or without DEER or the KV budget. Likely the same bug as 36001912."""
-    case = make_case(38000245)
-    assert case.decode["kv_policy"] == "snapkv" and case.decode["early_exit"] == "deer"
-    failures, _ = run_case(case)
-    assert failures == []
-
-
-@pytest.mark.xfail(strict=True, reason="open: snapkv rows together differ from one at a time (38002081)")
-def test_known_open_case_snapkv_rows_together():
-    """Found by the fuzz on 2026-12-01, not fixed; it fails on commits before this session's too. Plain
-    decoding with snapkv eviction (no speculation, no thinking control): rows decoded in one batch differ from
-    the same rows decoded one at a time (``max_slots=1``). The shrunk case (two rows) passes with h2o or
-    streaming instead of snapkv, or without a KV budget: snapkv's observation window is the suspect."""
-    case = make_case(38002081)
-    assert case.decode["kv_policy"] == "snapkv" and case.speculation is None
+@pytest.mark.parametrize("seed", [36001912, 38000245, 38002081])
+def test_snapkv_rows_without_an_observation_window_evict_as_alone(seed):
+    """Fuzz finds of 2026-12-01 (the first predates continuous batching), all with snapkv and ``kv_window=0``:
+    ngram speculation + DEER differed from plain decoding (36001912), and rows decoded together differed
+    from rows decoded one at a time, with DEER (38000245) and without (38002081). With no observation window
+    a row's window never opens before its compaction, so the scores that other rows' forwards gave it were
+    never zeroed, and it was compacted on them. Fixed: such a row's scores are zeroed at compaction
+    (``KVCompressor.window_open``)."""
+    case = make_case(seed)
+    assert case.decode["kv_policy"] == "snapkv" and case.decode["kv_window"] == 0
     failures, _ = run_case(case)
     assert failures == []

@@ -76,6 +76,12 @@ class KVCompressor:
         self.lens = prompt_lens.cpu().numpy().astype(np.int64)  # entries per slot, known on the host
         self.fresh_from = np.zeros(slots, dtype=np.int64)  # entries past this have contiguous positions
         self.evicted = np.zeros(slots, dtype=np.int64)
+        # "snapkv"/"rkv": whether a row's observation window opened since its admission or last compaction.
+        # A forward emits scores for every row while any row's window is open; a row whose window then opens
+        # has them zeroed, but one whose window never opens before its compaction (kv_window=0: the window
+        # starts at the limit) would be compacted on mass that other rows' forwards gave it, which decoding
+        # it alone never does. Its scores are zeroed at compaction instead.
+        self.window_open = np.zeros(slots, dtype=bool)
         self.peak = int(self.lens.max()) if slots else 0
         shape = (cache.geometry.num_layers, slots, cache.geometry.kv_heads, cache.capacity)
         self.scores = (
@@ -94,6 +100,7 @@ class KVCompressor:
         self.lens[rows] = lens_host
         self.fresh_from[rows] = 0
         self.evicted[rows] = 0
+        self.window_open[rows] = False
         if self.scores is not None:
             self.scores[:, slots] = 0.0
         if rows.size:
@@ -127,6 +134,7 @@ class KVCompressor:
         opening = rows[(lens <= window_start) & (lens + incoming > window_start)]
         if opening.size:
             self.scores[:, torch.as_tensor(opening, device=self.scores.device)] = 0.0
+            self.window_open[opening] = True
         if not bool((lens + incoming > window_start).any()):
             return None
         return list(self.scores.unbind(0))
@@ -163,6 +171,7 @@ class KVCompressor:
             opening = rows[(lens <= window_start) & (lens + kept > window_start)]
             if opening.size:
                 self.scores[:, torch.as_tensor(opening, device=self.scores.device)] = 0.0
+                self.window_open[opening] = True
         if not bool((kept > col_from).any()):
             return
         device = self.cache.device
@@ -217,6 +226,11 @@ class KVCompressor:
             config.kv_protect_prompt,
             config.kv_think_only,
         )
+        if self.scores is not None and self.policy != "h2o":
+            closed = rows[~self.window_open[rows]]  # (see window_open)
+            if closed.size:
+                self.scores[:, torch.as_tensor(closed, device=device)] = 0.0
+            self.window_open[rows] = False
         scores = self.scores[:, slots, :, :width] if self.scores is not None else None
         keys = cache.key_buffer[:, slots, :, :width] if self.policy == "rkv" else None
         keep_index, keep_lens = select_keep(

@@ -36,7 +36,8 @@ class Compression:
         self.cache = cache
         self.thinking = thinking
         self.deer = thinking is not None and thinking.plan.early_exit
-        self.probe_scores: dict[int, torch.Tensor] = {}  # scores of probing slots, restored on roll back
+        # scores (and whether the observation window had opened) of probing slots, restored on roll back
+        self.probe_scores: dict[int, tuple[torch.Tensor, bool]] = {}
 
     def admit(self, rows: np.ndarray, prompt_lens: torch.Tensor, lens_host: np.ndarray) -> None:
         """Slots ``rows`` (host) start over with new prompts (``prompt_lens`` ``[A]``, device and host)."""
@@ -86,7 +87,7 @@ class Compression:
         for slot, kept_probe in zip(slots.tolist(), confident.tolist(), strict=True):
             saved = self.probe_scores.pop(slot, None)
             if saved is not None and not kept_probe:  # a rolled-back probe leaves no attention mass
-                compressor.scores[:, slot] = saved
+                compressor.scores[:, slot], compressor.window_open[slot] = saved
         if slots.size:  # the cache keeps the row's entries, plus the probe text when confident
             compressor.lens[slots] = self.thinking.base_host[slots] + self.thinking.probe_width * confident
 
@@ -100,7 +101,7 @@ class Compression:
         thinking, compressor = self.thinking, self.compressor
         if compressor.scores is not None:
             for slot in rows_host[thinking.starting[rows_host]].tolist():
-                self.probe_scores[slot] = compressor.scores[:, slot].clone()
+                self.probe_scores[slot] = (compressor.scores[:, slot].clone(), compressor.window_open[slot])
         compressor.lens[rows_host] -= thinking.cache_rewind(rows_host)
         thinking.base_host[rows_host] = np.where(
             thinking.starting[rows_host], compressor.lens[rows_host], thinking.base_host[rows_host]
