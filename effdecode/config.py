@@ -65,7 +65,9 @@ class DecodeConfig:
         of the last ``kv_window`` queries, max-pooled along the keys, per head) or ``"rkv"`` (that importance
         combined with key redundancy: keys with a near-duplicate newer key go first).
     kv_window : int
-        Most recent entries a compaction always keeps (and the observation window of snapkv / rkv).
+        Most recent entries a compaction always keeps (and the observation window of snapkv / rkv; with 0
+        they see no decode query's attention, and a row with equal, zero scores keeps its newest entries,
+        whatever the other rows of its batch attended).
     kv_sinks : int
         First entries of a row always kept (attention sinks).
     compress_every : int
