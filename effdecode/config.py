@@ -66,8 +66,8 @@ class DecodeConfig:
         combined with key redundancy: keys with a near-duplicate newer key go first).
     kv_window : int
         Most recent entries a compaction always keeps (and the observation window of snapkv / rkv; with 0
-        they see no decode query's attention, and a row with equal, zero scores keeps its newest entries,
-        whatever the other rows of its batch attended).
+        they count no decode query's attention: snapkv then keeps a row's newest entries, rkv ranks by key
+        redundancy alone, and neither depends on what the other rows of the batch attended).
     kv_sinks : int
         First entries of a row always kept (attention sinks).
     compress_every : int
