@@ -177,7 +177,7 @@ class StaticStepContext:
             )  # fmt: skip
         batch, q_heads, num_cols, head_dim = query.shape
         kv_heads, kv_len = k_cache.shape[1], self.kv_len
-        slots, write_index, _, _ = self._write_plan(num_cols)
+        slots, write_index, query_index, _ = self._write_plan(num_cols)
         # The KV append writes into the whole cache buffer (a graph input), which inductor keeps in place;
         # written through the per-layer view it would copy the whole buffer every layer.
         heads = torch.arange(kv_heads, device=query.device)
@@ -189,8 +189,9 @@ class StaticStepContext:
         group = q_heads // kv_heads
         q = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # [B, kv_heads, group * T, D]
         if num_cols == 1 and self._cpu_kernel(q):
-            # Each row over its own length (after the append), read in place: no bucket-wide reads.
-            lens = (self.cache_lens.index_select(0, rows) + self.q_lens).to(torch.int32)
+            # Each row over its own entries, read in place: through its query's cache index (after the append;
+            # a padding row's: its unused slot's length), no bucket-wide reads.
+            lens = (query_index[:, -1] + 1).to(torch.int32)
             sinks = sinks.to(q.dtype).contiguous() if sinks is not None else None
             out = torch.ops.effdecode.cpu_decode_attention(
                 q, k_cache, v_cache, self.rows, lens, scale, float(softcap or 0.0), sliding_window or 0, sinks
